@@ -1,0 +1,217 @@
+//! `election-agent client`: every `Election` RPC from a shell, against any agent, over gRPC.
+//!
+//! Each command prints its result as one JSON object per line on stdout; a failed RPC prints the
+//! gRPC code and message on stderr and exits non-zero.
+
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::grpc::pb::{self, election_client::ElectionClient};
+
+/// Options of `election-agent client`.
+#[derive(Debug, clap::Args)]
+pub struct ClientArgs {
+    /// The agent's gRPC endpoint.
+    #[arg(long, env = "EA_CLIENT_ADDRESS", default_value = "http://127.0.0.1:50051")]
+    pub address: String,
+    /// The election kind (empty means "default").
+    #[arg(long, global = true, default_value = "")]
+    pub kind: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: ClientCommand,
+}
+
+/// One RPC.
+#[derive(Debug, clap::Subcommand)]
+pub enum ClientCommand {
+    /// Campaign to lead ELECTION as CANDIDATE.
+    Campaign {
+        /// Election name.
+        election: String,
+        /// Candidate name.
+        candidate: String,
+        /// Term in milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        term: i32,
+    },
+    /// Extend LEADER's term.
+    Extend {
+        /// Election name.
+        election: String,
+        /// The current leader.
+        leader: String,
+        /// Term in milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        term: i32,
+        /// Retries while the store is unavailable (0..10).
+        #[arg(long, default_value_t = 0)]
+        retries: i32,
+        /// Milliseconds between retries (0..1000).
+        #[arg(long, default_value_t = 0)]
+        retry_interval: i32,
+    },
+    /// Resign LEADER.
+    Resign {
+        /// Election name.
+        election: String,
+        /// The current leader.
+        leader: String,
+    },
+    /// Hand ELECTION over to LEADER, whoever leads now.
+    Handover {
+        /// Election name.
+        election: String,
+        /// The new leader.
+        leader: String,
+        /// Term in milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        term: i32,
+    },
+    /// Print the leader of ELECTION.
+    Leader {
+        /// Election name.
+        election: String,
+    },
+    /// Print the leaders of every election of the kind.
+    Leaders,
+    /// Print the current leader, then every change, one line each.
+    Observe {
+        /// Election name.
+        election: String,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+/// Why a client command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The endpoint is malformed or unreachable.
+    #[error("cannot connect to {address}: {source}")]
+    Connect {
+        /// The endpoint.
+        address: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// The agent answered with an error.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Rpc(#[from] tonic::Status),
+}
+
+/// Runs one client command, printing to stdout.
+pub async fn run(args: ClientArgs) -> Result<(), ClientError> {
+    let mut client = ElectionClient::connect(args.address.clone())
+        .await
+        .map_err(|source| ClientError::Connect {
+            address: args.address.clone(),
+            source,
+        })?;
+    let kind = args.kind;
+    let output = match args.command {
+        ClientCommand::Campaign {
+            election,
+            candidate,
+            term,
+        } => {
+            let r = client
+                .campaign(pb::CampaignRequest {
+                    election,
+                    candidate,
+                    term,
+                    kind,
+                })
+                .await?
+                .into_inner();
+            json!({"elected": r.elected, "leader": r.leader, "kind": r.kind, "fencing_token": r.fencing_token})
+        }
+        ClientCommand::Extend {
+            election,
+            leader,
+            term,
+            retries,
+            retry_interval,
+        } => {
+            let r = client
+                .extend_elected_term(pb::ExtendElectedTermRequest {
+                    election,
+                    leader,
+                    term,
+                    kind,
+                    retries,
+                    retry_interval,
+                })
+                .await?
+                .into_inner();
+            json!({"value": r.value, "fencing_token": r.fencing_token})
+        }
+        ClientCommand::Resign { election, leader } => {
+            let r = client
+                .resign(pb::ResignRequest {
+                    election,
+                    leader,
+                    kind,
+                })
+                .await?
+                .into_inner();
+            json!({"value": r.value})
+        }
+        ClientCommand::Handover {
+            election,
+            leader,
+            term,
+        } => {
+            let r = client
+                .handover(pb::HandoverRequest {
+                    election,
+                    leader,
+                    term,
+                    kind,
+                })
+                .await?
+                .into_inner();
+            json!({"value": r.value, "fencing_token": r.fencing_token})
+        }
+        ClientCommand::Leader { election } => {
+            let r = client
+                .get_leader(pb::GetLeaderRequest { election, kind })
+                .await?
+                .into_inner();
+            json!({"leader": r.value, "fencing_token": r.fencing_token})
+        }
+        ClientCommand::Leaders => {
+            let r = client
+                .list_leaders(pb::ListLeadersRequest { kind })
+                .await?
+                .into_inner();
+            let leaders: Vec<_> = r
+                .leaders
+                .into_iter()
+                .map(|l| json!({"election": l.election, "name": l.name, "fencing_token": l.fencing_token}))
+                .collect();
+            json!({"leaders": leaders})
+        }
+        ClientCommand::Observe { election, count } => {
+            let mut events = client
+                .observe(pb::ObserveRequest { election, kind })
+                .await?
+                .into_inner()
+                .take(count.unwrap_or(usize::MAX));
+            while let Some(event) = events.next().await {
+                let e = event?;
+                let kind = pb::leader_event::Type::try_from(e.r#type)
+                    .map(|t| t.as_str_name().trim_start_matches("TYPE_").to_ascii_lowercase())
+                    .unwrap_or_else(|_| e.r#type.to_string());
+                println!(
+                    "{}",
+                    json!({"type": kind, "election": e.election, "kind": e.kind, "leader": e.leader, "fencing_token": e.fencing_token})
+                );
+            }
+            return Ok(());
+        }
+    };
+    println!("{output}");
+    Ok(())
+}

@@ -1,0 +1,751 @@
+//! Configuration: built-in defaults < YAML file < `EA_*` environment < command-line flags.
+//!
+//! Every setting is one row of [`SETTINGS`]: its `EA_*` key (the Go service's names), its path in
+//! the YAML file, its command-line flag, its default and what it allows. All sources are merged as
+//! text first and parsed once, so a bad value is reported the same way wherever it came from: one
+//! line naming the key, the value, where it came from and what is allowed.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use crate::lease::{Name, Term, TermBounds};
+
+/// One configuration setting.
+#[derive(Debug)]
+pub struct Setting {
+    /// The environment variable.
+    pub key: &'static str,
+    /// Older names of the same variable, still read.
+    pub aliases: &'static [&'static str],
+    /// The dotted path in the YAML file; the command-line flag is the same with `-` for `.`/`_`.
+    pub path: &'static str,
+    /// The built-in default.
+    pub default: &'static str,
+    /// What the setting does.
+    pub help: &'static str,
+}
+
+impl Setting {
+    /// The command-line flag (without `--`).
+    pub fn flag(&self) -> String {
+        self.path.replace(['.', '_'], "-")
+    }
+}
+
+/// The histogram buckets used when none are configured: the Go service's 0.1, 0.25, 0.5, 1 (so
+/// existing queries keep their `le` values) plus finer ones for sub-millisecond requests.
+pub const DEFAULT_BUCKETS: &str = "0.0005,0.001,0.0025,0.005,0.01,0.025,0.05,0.1,0.25,0.5,1";
+
+macro_rules! settings {
+    ($($key:literal $([$($alias:literal),*])? => $path:literal = $default:expr, $help:literal;)*) => {
+        /// Every setting, in the order of the README's configuration table.
+        pub const SETTINGS: &[Setting] = &[$(Setting {
+            key: $key,
+            aliases: &[$($($alias),*)?],
+            path: $path,
+            default: $default,
+            help: $help,
+        }),*];
+    };
+}
+
+settings! {
+    "EA_ENV" => "env" = "production",
+        "production|benchmark (JSON logs) or development|test (human-readable logs)";
+    "EA_LOG_LEVEL" => "log_level" = "info",
+        "trace|debug|info|warning|error (panic and fatal mean error)";
+    "EA_NAME" => "name" = "election-agent",
+        "this agent's name: the `agent` label of every metric";
+    "EA_KEY_PREFIX" ["EA_REDIS_PREFIX"] => "key_prefix" = "ela",
+        "prefix of every lease key in the store";
+    "EA_BIND_ADDRESS" => "bind_address" = "0.0.0.0",
+        "IP address the gRPC and HTTP servers listen on";
+    "EA_GRPC_ENABLE" => "grpc.enable" = "true",
+        "serve the gRPC API";
+    "EA_GRPC_PORT" => "grpc.port" = "443",
+        "gRPC port (0 picks a free one)";
+    "EA_HTTP_ENABLE" => "http.enable" = "true",
+        "serve the REST API, probes and metrics";
+    "EA_HTTP_PORT" => "http.port" = "80",
+        "HTTP port (0 picks a free one)";
+    "EA_METRIC_ENABLE" => "metric.enable" = "true",
+        "serve Prometheus metrics at /metrics (needs HTTP)";
+    "EA_METRIC_REQUEST_DURATION_BUCKETS" => "metric.request_duration_buckets" = DEFAULT_BUCKETS,
+        "comma-separated, increasing upper bounds (seconds) of the request duration histogram";
+    "EA_KUBE_ENABLE" => "kube.enable" = "true",
+        "Kubernetes features (discovery, operator); GetPods answers UNIMPLEMENTED when off";
+    "EA_KUBE_IN_CLUSTER" => "kube.in_cluster" = "true",
+        "use the in-cluster service account, else KUBECONFIG / ~/.kube/config";
+    "EA_REDIS_MODE" => "redis.mode" = "",
+        "memory|single|failover|cluster|sharding; empty: memory without EA_REDIS_URLS, else single";
+    "EA_REDIS_URLS" => "redis.urls" = "",
+        "comma-separated Redis URLs (several with single mode: Redlock quorum)";
+    "EA_REDIS_MASTER" => "redis.master" = "",
+        "Sentinel master name (failover mode)";
+    "EA_REDIS_OPERATION_TIMEOUT" ["EA_REDIS_OPEARATION_TIMEOUT"] => "redis.operation_timeout" = "3s",
+        "how long a store operation may take before the request fails with FAILED_PRECONDITION";
+    "EA_LEASE_MIN_TERM" => "lease.min_term" = "1s",
+        "shortest term a request may ask for";
+    "EA_LEASE_MAX_TERM" => "lease.max_term" = "1d",
+        "longest term a request may ask for";
+    "EA_SHUTDOWN_TIMEOUT" => "shutdown_timeout" = "8s",
+        "how long SIGTERM waits for in-flight requests before exiting";
+}
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The built-in default.
+    Default,
+    /// The YAML file.
+    File(PathBuf),
+    /// The environment.
+    Environment,
+    /// A command-line flag.
+    Flag,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("default"),
+            Origin::File(path) => write!(f, "from {}", path.display()),
+            Origin::Environment => f.write_str("from the environment"),
+            Origin::Flag => f.write_str("from the command line"),
+        }
+    }
+}
+
+/// Why the configuration was refused. Each renders as a single line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value that the setting does not allow.
+    #[error("invalid configuration: {key}={value:?} ({origin}): {allowed}")]
+    Invalid {
+        /// The setting's key.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// Where it came from.
+        origin: Origin,
+        /// What is allowed.
+        allowed: String,
+    },
+    /// The configuration file could not be read or parsed.
+    #[error("invalid configuration file {}: {reason}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// `EA_ENV`: how the agent presents itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    /// JSON logs.
+    Production,
+    /// Human-readable logs.
+    Development,
+}
+
+/// A listener that can be switched off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listener {
+    /// Serve it at all.
+    pub enable: bool,
+    /// Its TCP port.
+    pub port: u16,
+}
+
+/// `EA_REDIS_MODE`: which lease store backs the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreMode {
+    /// In-process.
+    Memory,
+    /// One Redis server, or a Redlock quorum of several.
+    Single,
+    /// Redis Sentinel.
+    Failover,
+    /// Redis Cluster.
+    Cluster,
+    /// Several Redlock groups, keys spread by CRC16.
+    Sharding,
+}
+
+impl StoreMode {
+    /// The configuration value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreMode::Memory => "memory",
+            StoreMode::Single => "single",
+            StoreMode::Failover => "failover",
+            StoreMode::Cluster => "cluster",
+            StoreMode::Sharding => "sharding",
+        }
+    }
+}
+
+/// The lease store settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreConfig {
+    /// The backend.
+    pub mode: StoreMode,
+    /// Redis URLs.
+    pub urls: Vec<String>,
+    /// Sentinel master name.
+    pub master: String,
+    /// Per-operation timeout.
+    pub operation_timeout: Duration,
+    /// Key prefix.
+    pub key_prefix: String,
+}
+
+/// The agent's whole configuration, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `EA_ENV`.
+    pub environment: Environment,
+    /// `EA_LOG_LEVEL`, as a `tracing` level name.
+    pub log_level: tracing::Level,
+    /// `EA_NAME`.
+    pub name: String,
+    /// `EA_BIND_ADDRESS`.
+    pub bind_address: IpAddr,
+    /// `EA_GRPC_*`.
+    pub grpc: Listener,
+    /// `EA_HTTP_*`.
+    pub http: Listener,
+    /// `EA_METRIC_ENABLE`.
+    pub metrics_enabled: bool,
+    /// `EA_METRIC_REQUEST_DURATION_BUCKETS`.
+    pub request_duration_buckets: Vec<f64>,
+    /// `EA_KUBE_ENABLE`.
+    pub kube_enabled: bool,
+    /// `EA_KUBE_IN_CLUSTER`.
+    pub kube_in_cluster: bool,
+    /// `EA_REDIS_*` and `EA_KEY_PREFIX`.
+    pub store: StoreConfig,
+    /// `EA_LEASE_MIN_TERM`, `EA_LEASE_MAX_TERM`.
+    pub terms: TermBounds,
+    /// `EA_SHUTDOWN_TIMEOUT`.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Sources::default()
+            .resolve()
+            .expect("the built-in defaults are valid")
+    }
+}
+
+/// The raw values of every source, before parsing.
+#[derive(Debug, Default)]
+pub struct Sources {
+    file: Option<(PathBuf, String)>,
+    environment: Vec<(String, String)>,
+    flags: Vec<(&'static str, String)>,
+}
+
+impl Sources {
+    /// Adds the YAML configuration file `path` with contents `text`.
+    pub fn file(mut self, path: impl Into<PathBuf>, text: impl Into<String>) -> Self {
+        self.file = Some((path.into(), text.into()));
+        self
+    }
+
+    /// Reads the YAML configuration file at `path`.
+    pub fn read_file(self, path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::File {
+            path: path.to_owned(),
+            reason: err.to_string(),
+        })?;
+        Ok(self.file(path, text))
+    }
+
+    /// Adds environment variables (all of them; only `EA_*` keys are looked at).
+    pub fn environment(mut self, vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        self.environment.extend(vars);
+        self
+    }
+
+    /// Adds a command-line value for the setting `key`.
+    pub fn flag(mut self, key: &'static str, value: impl Into<String>) -> Self {
+        self.flags.push((key, value.into()));
+        self
+    }
+
+    /// `EA_*` variables that no setting reads (e.g. the Go service's zone settings), to warn about.
+    pub fn unknown_environment_keys(&self) -> Vec<&str> {
+        self.environment
+            .iter()
+            .map(|(key, _)| key.as_str())
+            .filter(|key| key.starts_with("EA_") && *key != "EA_CONFIG_FILE")
+            .filter(|key| setting_for_env(key).is_none())
+            .collect()
+    }
+
+    /// Merges the sources and validates the result.
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let mut values: BTreeMap<&'static str, (String, Origin)> = SETTINGS
+            .iter()
+            .map(|s| (s.key, (s.default.to_owned(), Origin::Default)))
+            .collect();
+        if let Some((path, text)) = &self.file {
+            for (key, value) in file_values(path, text)? {
+                values.insert(key, (value, Origin::File(path.clone())));
+            }
+        }
+        // Canonical names win over aliases when both are set.
+        for (key, value) in &self.environment {
+            if let Some(setting) = setting_for_env(key).filter(|s| s.key != key) {
+                values.insert(setting.key, (value.clone(), Origin::Environment));
+            }
+        }
+        for (key, value) in &self.environment {
+            if let Some(setting) = setting_for_env(key).filter(|s| s.key == key) {
+                values.insert(setting.key, (value.clone(), Origin::Environment));
+            }
+        }
+        for (key, value) in &self.flags {
+            values.insert(key, (value.clone(), Origin::Flag));
+        }
+        Values(values).parse()
+    }
+}
+
+fn setting_for_env(key: &str) -> Option<&'static Setting> {
+    SETTINGS
+        .iter()
+        .find(|s| s.key == key || s.aliases.contains(&key))
+}
+
+/// Flattens the YAML file into `(key, value)` pairs; unknown keys are refused, since a typo would
+/// otherwise silently keep the default.
+fn file_values(path: &Path, text: &str) -> Result<Vec<(&'static str, String)>, ConfigError> {
+    let error = |reason: String| ConfigError::File {
+        path: path.to_owned(),
+        reason,
+    };
+    let document: serde_json::Value =
+        serde_saphyr::from_str(text).map_err(|err| error(one_line(&err.to_string())))?;
+    let mut flat = Vec::new();
+    flatten("", &document, &mut flat).map_err(error)?;
+    flat.into_iter()
+        .map(|(path, value)| {
+            let setting = SETTINGS.iter().find(|s| s.path == path).ok_or_else(|| {
+                let known: Vec<_> = SETTINGS.iter().map(|s| s.path).collect();
+                error(format!(
+                    "unknown key {path:?}; known keys: {}",
+                    known.join(", ")
+                ))
+            })?;
+            Ok((setting.key, value))
+        })
+        .collect()
+}
+
+fn flatten(
+    prefix: &str,
+    value: &serde_json::Value,
+    out: &mut Vec<(String, String)>,
+) -> Result<(), String> {
+    use serde_json::Value;
+    let scalar = |value: &Value| match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Null => Some(String::new()),
+        Value::Array(_) | Value::Object(_) => None,
+    };
+    match value {
+        Value::Object(map) => {
+            for (key, value) in map {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                flatten(&path, value, out)?;
+            }
+        }
+        Value::Null if prefix.is_empty() => {}
+        Value::Array(items) => {
+            let items: Option<Vec<String>> = items.iter().map(scalar).collect();
+            let items = items.ok_or_else(|| format!("{prefix} must be a list of plain values"))?;
+            out.push((prefix.to_owned(), items.join(",")));
+        }
+        _ if prefix.is_empty() => return Err("expected a mapping of settings".into()),
+        value => out.extend(scalar(value).map(|v| (prefix.to_owned(), v))),
+    }
+    Ok(())
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+struct Values(BTreeMap<&'static str, (String, Origin)>);
+
+impl Values {
+    fn raw(&self, key: &'static str) -> &(String, Origin) {
+        // Every key of SETTINGS has a value: the defaults are inserted first.
+        &self.0[key]
+    }
+
+    fn get<T>(
+        &self,
+        key: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        let (value, origin) = self.raw(key);
+        parse(value.trim()).map_err(|allowed| ConfigError::Invalid {
+            key,
+            value: value.clone(),
+            origin: origin.clone(),
+            allowed,
+        })
+    }
+
+    /// Reports a value that is valid alone but not together with others.
+    fn conflict(&self, key: &'static str, allowed: String) -> ConfigError {
+        let (value, origin) = self.raw(key);
+        ConfigError::Invalid {
+            key,
+            value: value.clone(),
+            origin: origin.clone(),
+            allowed,
+        }
+    }
+
+    fn parse(&self) -> Result<Config, ConfigError> {
+        let environment = self.get("EA_ENV", |v| match v {
+            "production" | "benchmark" => Ok(Environment::Production),
+            "development" | "test" => Ok(Environment::Development),
+            _ => Err("allowed: production, development, test, benchmark".into()),
+        })?;
+        let log_level = self.get("EA_LOG_LEVEL", |v| match v.to_ascii_lowercase().as_str() {
+            "trace" => Ok(tracing::Level::TRACE),
+            "debug" => Ok(tracing::Level::DEBUG),
+            "info" => Ok(tracing::Level::INFO),
+            "warn" | "warning" => Ok(tracing::Level::WARN),
+            "error" | "panic" | "fatal" => Ok(tracing::Level::ERROR),
+            _ => Err("allowed: trace, debug, info, warning, error, panic, fatal".into()),
+        })?;
+        let name = self.get("EA_NAME", non_empty)?;
+        let key_prefix = self.get("EA_KEY_PREFIX", |v| {
+            Name::parse("key_prefix", v)
+                .map(|_| v.to_owned())
+                .map_err(|err| err.reason)
+        })?;
+        let bind_address = self.get("EA_BIND_ADDRESS", |v| {
+            v.parse()
+                .map_err(|_| "expected an IP address such as 0.0.0.0 or 127.0.0.1".into())
+        })?;
+        let grpc = Listener {
+            enable: self.get("EA_GRPC_ENABLE", boolean)?,
+            port: self.get("EA_GRPC_PORT", port)?,
+        };
+        let http = Listener {
+            enable: self.get("EA_HTTP_ENABLE", boolean)?,
+            port: self.get("EA_HTTP_PORT", port)?,
+        };
+        let metrics_enabled = self.get("EA_METRIC_ENABLE", boolean)?;
+        if metrics_enabled && !http.enable {
+            return Err(self.conflict(
+                "EA_METRIC_ENABLE",
+                "metrics are served over HTTP: set EA_HTTP_ENABLE=true or EA_METRIC_ENABLE=false"
+                    .into(),
+            ));
+        }
+        let request_duration_buckets = self.get("EA_METRIC_REQUEST_DURATION_BUCKETS", buckets)?;
+
+        let urls: Vec<String> = self.get("EA_REDIS_URLS", |v| {
+            Ok(v.split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(str::to_owned)
+                .collect())
+        })?;
+        let mode = self.get("EA_REDIS_MODE", |v| match v {
+            "" if urls.is_empty() => Ok(StoreMode::Memory),
+            "" | "single" => Ok(StoreMode::Single),
+            "memory" => Ok(StoreMode::Memory),
+            "failover" => Ok(StoreMode::Failover),
+            "cluster" => Ok(StoreMode::Cluster),
+            "sharding" => Ok(StoreMode::Sharding),
+            _ => Err("allowed: memory, single, failover, cluster, sharding".into()),
+        })?;
+        if mode != StoreMode::Memory && urls.is_empty() {
+            return Err(self.conflict(
+                "EA_REDIS_URLS",
+                format!("EA_REDIS_MODE={} needs at least one Redis URL", mode.as_str()),
+            ));
+        }
+        let master = self.get("EA_REDIS_MASTER", |v| Ok(v.to_owned()))?;
+        if mode == StoreMode::Failover && master.is_empty() {
+            return Err(self.conflict(
+                "EA_REDIS_MASTER",
+                "EA_REDIS_MODE=failover needs the Sentinel master's name".into(),
+            ));
+        }
+        let operation_timeout = self.get("EA_REDIS_OPERATION_TIMEOUT", positive_duration)?;
+
+        let min = self.get("EA_LEASE_MIN_TERM", term)?;
+        let max = self.get("EA_LEASE_MAX_TERM", term)?;
+        if min > max {
+            return Err(self.conflict(
+                "EA_LEASE_MAX_TERM",
+                format!("must not be shorter than EA_LEASE_MIN_TERM ({} ms)", min.as_millis()),
+            ));
+        }
+
+        Ok(Config {
+            environment,
+            log_level,
+            name,
+            bind_address,
+            grpc,
+            http,
+            metrics_enabled,
+            request_duration_buckets,
+            kube_enabled: self.get("EA_KUBE_ENABLE", boolean)?,
+            kube_in_cluster: self.get("EA_KUBE_IN_CLUSTER", boolean)?,
+            store: StoreConfig {
+                mode,
+                urls,
+                master,
+                operation_timeout,
+                key_prefix,
+            },
+            terms: TermBounds { min, max },
+            shutdown_timeout: self.get("EA_SHUTDOWN_TIMEOUT", positive_duration)?,
+        })
+    }
+}
+
+fn non_empty(value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(value.to_owned())
+    }
+}
+
+fn boolean(value: &str) -> Result<bool, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("allowed: true, false (or 1/0, yes/no, on/off)".into()),
+    }
+}
+
+fn port(value: &str) -> Result<u16, String> {
+    value
+        .parse()
+        .map_err(|_| "expected a port number 0..=65535 (0 picks a free port)".into())
+}
+
+fn duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value)
+        .map_err(|_| "expected a duration such as 500ms, 3s, 1m or 1d".into())
+}
+
+fn positive_duration(value: &str) -> Result<Duration, String> {
+    duration(value).and_then(|d| {
+        if d.is_zero() {
+            Err("must be longer than zero".into())
+        } else {
+            Ok(d)
+        }
+    })
+}
+
+fn term(value: &str) -> Result<Term, String> {
+    let d = positive_duration(value)?;
+    u64::try_from(d.as_millis())
+        .ok()
+        .filter(|ms| *ms >= 1)
+        .map(Term::from_millis)
+        .ok_or_else(|| "expected a duration of at least 1ms such as 1s or 1d".into())
+}
+
+fn buckets(value: &str) -> Result<Vec<f64>, String> {
+    const ALLOWED: &str = "expected comma-separated, strictly increasing positive numbers of seconds such as 0.1,0.25,0.5,1";
+    let bounds: Vec<f64> = value
+        .split(',')
+        .map(|b| b.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| ALLOWED.to_owned())?;
+    let increasing = bounds.windows(2).all(|w| w[0] < w[1]);
+    if bounds.is_empty() || !increasing || bounds.iter().any(|b| !b.is_finite() || *b <= 0.0) {
+        return Err(ALLOWED.into());
+    }
+    Ok(bounds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_those_of_the_go_service() {
+        let config = Config::default();
+        assert_eq!(config.grpc, Listener { enable: true, port: 443 });
+        assert_eq!(config.http, Listener { enable: true, port: 80 });
+        assert_eq!(config.store.mode, StoreMode::Memory);
+        assert_eq!(config.store.key_prefix, "ela");
+        assert_eq!(config.store.operation_timeout, Duration::from_secs(3));
+        assert_eq!(config.terms, TermBounds::default());
+        assert_eq!(config.environment, Environment::Production);
+        assert!(config.request_duration_buckets.contains(&0.25));
+    }
+
+    #[test]
+    fn file_then_environment_then_flags_override_each_other() {
+        let file = "grpc:\n  port: 1000\nhttp:\n  port: 2000\nname: from-file\nredis:\n  urls: [redis://a:6379, redis://b:6379]\n";
+        let config = Sources::default()
+            .file("agent.yaml", file)
+            .environment(env(&[("EA_HTTP_PORT", "3000"), ("EA_NAME", "from-env")]))
+            .flag("EA_NAME", "from-flag")
+            .resolve()
+            .unwrap();
+        assert_eq!(config.grpc.port, 1000, "file over default");
+        assert_eq!(config.http.port, 3000, "environment over file");
+        assert_eq!(config.name, "from-flag", "flag over environment");
+        assert_eq!(config.store.urls, ["redis://a:6379", "redis://b:6379"]);
+        assert_eq!(config.store.mode, StoreMode::Single, "URLs without a mode mean single");
+    }
+
+    #[test]
+    fn aliases_of_the_go_service_are_read_and_canonical_names_win() {
+        let config = Sources::default()
+            .environment(env(&[
+                ("EA_REDIS_OPEARATION_TIMEOUT", "5s"),
+                ("EA_REDIS_PREFIX", "old"),
+            ]))
+            .resolve()
+            .unwrap();
+        assert_eq!(config.store.operation_timeout, Duration::from_secs(5));
+        assert_eq!(config.store.key_prefix, "old");
+        let config = Sources::default()
+            .environment(env(&[("EA_KEY_PREFIX", "new"), ("EA_REDIS_PREFIX", "old")]))
+            .resolve()
+            .unwrap();
+        assert_eq!(config.store.key_prefix, "new");
+    }
+
+    #[test]
+    fn invalid_values_name_key_value_origin_and_what_is_allowed_on_one_line() {
+        let cases = [
+            ("EA_HTTP_PORT", "abc", "port number"),
+            ("EA_GRPC_PORT", "70000", "port number"),
+            ("EA_REDIS_MODE", "bogus", "memory, single, failover, cluster, sharding"),
+            ("EA_ENV", "staging", "production, development"),
+            ("EA_LOG_LEVEL", "loud", "debug, info"),
+            ("EA_GRPC_ENABLE", "maybe", "true, false"),
+            ("EA_REDIS_OPERATION_TIMEOUT", "soon", "duration"),
+            ("EA_REDIS_OPERATION_TIMEOUT", "0s", "longer than zero"),
+            ("EA_METRIC_REQUEST_DURATION_BUCKETS", "1,0.5", "increasing"),
+            ("EA_BIND_ADDRESS", "localhost", "IP address"),
+            ("EA_KEY_PREFIX", "a*b", "only letters"),
+            ("EA_LEASE_MAX_TERM", "500ms", "EA_LEASE_MIN_TERM"),
+        ];
+        for (key, value, allowed) in cases {
+            let err = Sources::default()
+                .environment(env(&[(key, value)]))
+                .resolve()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("invalid configuration: {key}={value:?} (from the environment): ")),
+                "{err}"
+            );
+            assert!(err.contains(allowed), "{err} should say {allowed}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn combinations_that_cannot_work_are_refused() {
+        let refused = |pairs: &[(&str, &str)], key: &str| {
+            let err = Sources::default().environment(env(pairs)).resolve().unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        };
+        refused(&[("EA_REDIS_MODE", "single")], "EA_REDIS_URLS");
+        refused(
+            &[("EA_REDIS_MODE", "failover"), ("EA_REDIS_URLS", "redis://s:26379")],
+            "EA_REDIS_MASTER",
+        );
+        refused(&[("EA_HTTP_ENABLE", "false")], "EA_METRIC_ENABLE");
+    }
+
+    #[test]
+    fn file_errors_name_the_file_and_the_unknown_key() {
+        let err = Sources::default()
+            .file("agent.yaml", "grpc:\n  prot: 1\n")
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agent.yaml") && err.contains("\"grpc.prot\""), "{err}");
+        let err = Sources::default()
+            .file("agent.yaml", "grpc: [\n")
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("invalid configuration file agent.yaml: "), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        let err = Sources::default()
+            .file("agent.yaml", "http:\n  port: abc\n")
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("EA_HTTP_PORT=\"abc\" (from agent.yaml)"), "{err}");
+    }
+
+    #[test]
+    fn unknown_ea_variables_are_reported_for_a_warning() {
+        let sources = Sources::default().environment(env(&[
+            ("EA_ZONE_ENABLE", "false"),
+            ("EA_GRPC_PORT", "1"),
+            ("EA_CONFIG_FILE", "x.yaml"),
+            ("HOME", "/root"),
+        ]));
+        assert_eq!(sources.unknown_environment_keys(), ["EA_ZONE_ENABLE"]);
+    }
+
+    #[test]
+    fn every_setting_has_a_unique_key_path_and_flag() {
+        use std::collections::HashSet;
+        let (mut keys, mut paths, mut flags) = (HashSet::new(), HashSet::new(), HashSet::new());
+        for setting in SETTINGS {
+            assert!(setting.key.starts_with("EA_"), "{}", setting.key);
+            assert!(keys.insert(setting.key), "{}", setting.key);
+            assert!(paths.insert(setting.path), "{}", setting.path);
+            assert!(flags.insert(setting.flag()), "{}", setting.flag());
+        }
+    }
+
+    #[test]
+    fn the_local_example_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/local.yaml");
+        let config = Sources::default().read_file(&path).unwrap().resolve().unwrap();
+        assert_eq!(config.store.mode, StoreMode::Memory);
+        assert!(!config.kube_enabled);
+        assert_eq!(config.bind_address.to_string(), "127.0.0.1");
+    }
+}

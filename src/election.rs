@@ -1,0 +1,582 @@
+//! The election service: what every adapter (gRPC, HTTP, later the controller) calls.
+//!
+//! It validates raw request values into lease-engine types, runs commands on the lease store,
+//! records metrics, and turns outcomes into results or [`ElectionError`]s. Adapters only translate
+//! their wire formats to these calls and map [`ElectionError`] to their status codes, each in one
+//! function.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::Stream;
+use tokio::{sync::broadcast::error::RecvError, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    lease::{
+        ChangeCause, Command, ElectionKey, FencingToken, InvalidArgument, LeaderInfo, Name,
+        Outcome, TermBounds,
+    },
+    metrics::{Action, Metrics},
+    store::{LeaseStore, Store, StoreError},
+};
+
+/// Most retries an ExtendElectedTerm request may ask for.
+pub const MAX_RETRIES: i64 = 10;
+/// Longest pause between retries an ExtendElectedTerm request may ask for, in milliseconds.
+pub const MAX_RETRY_INTERVAL_MS: i64 = 1_000;
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ElectionError {
+    /// A request field is invalid; the message names it.
+    #[error(transparent)]
+    InvalidArgument(#[from] InvalidArgument),
+    /// The election has no live leader (GetLeader, ExtendElectedTerm).
+    #[error("election {election} has no leader")]
+    NoLeader {
+        /// The election.
+        election: ElectionKey,
+    },
+    /// ExtendElectedTerm by a candidate while another one leads.
+    #[error("election {election} is led by {holder}, not {caller}")]
+    HeldByOther {
+        /// The election.
+        election: ElectionKey,
+        /// Its leader.
+        holder: Name,
+        /// Who asked.
+        caller: Name,
+    },
+    /// Resign by a candidate while another one leads (NOT_FOUND, as the Go service answers).
+    #[error("{caller} is not the leader of election {election} ({holder} is)")]
+    NotLeader {
+        /// The election.
+        election: ElectionKey,
+        /// Its leader.
+        holder: Name,
+        /// Who asked.
+        caller: Name,
+    },
+    /// The lease store could not answer.
+    #[error(transparent)]
+    Unavailable(#[from] StoreError),
+    /// The feature is not available in this agent.
+    #[error("{0}")]
+    Unimplemented(&'static str),
+}
+
+/// The result of a campaign: elected or not, and who leads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Campaigned {
+    /// Whether the candidate leads now.
+    pub elected: bool,
+    /// Who leads (the candidate when elected).
+    pub leader: Name,
+    /// The election's kind.
+    pub kind: Name,
+    /// The leader's fencing token.
+    pub token: FencingToken,
+}
+
+/// What an Observe stream reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// Who leads right now (first event of every stream, and after falling behind).
+    Current,
+    /// A candidate took an election that had no live leader.
+    Elected,
+    /// Handover made a candidate the leader.
+    HandedOver,
+    /// The leader resigned.
+    Resigned,
+    /// The leader's term ran out.
+    Expired,
+}
+
+/// One event of an Observe stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderEvent {
+    /// What happened.
+    pub kind: EventKind,
+    /// The election.
+    pub election: ElectionKey,
+    /// The leader after the event; for Resigned and Expired, the one who stopped leading;
+    /// `None` for Current when nobody leads.
+    pub leader: Option<Name>,
+    /// The fencing token of that leader's lease (0 when nobody leads).
+    pub token: FencingToken,
+}
+
+/// The election service; cheap to clone (one `Arc` inside).
+#[derive(Clone)]
+pub struct ElectionService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    terms: TermBounds,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+}
+
+impl ElectionService {
+    /// A service over `store`; `shutdown` ends Observe streams when cancelled.
+    pub fn new(
+        store: Store,
+        terms: TermBounds,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                terms,
+                metrics,
+                shutdown,
+            }),
+        }
+    }
+
+    /// The process's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Campaigns for `term_ms` milliseconds. Losing is not an error: `elected` is false and
+    /// `leader` names the current holder.
+    pub async fn campaign(
+        &self,
+        kind: &str,
+        election: &str,
+        candidate: &str,
+        term_ms: i64,
+    ) -> Result<Campaigned, ElectionError> {
+        self.instrumented(Action::Campaign, async {
+            let key = election_key(kind, election)?;
+            let candidate = Name::parse("candidate", candidate)?;
+            let term = self.inner.terms.parse("term", term_ms)?;
+            let command = Command::Campaign {
+                candidate: candidate.clone(),
+                term,
+            };
+            let (elected, leader, token) = match self.inner.store.execute(&key, command).await? {
+                Outcome::Leading { token } => (true, candidate, token),
+                Outcome::Following { leader, token } => (false, leader, token),
+                other => unreachable_outcome(&other),
+            };
+            Ok(Campaigned {
+                elected,
+                leader,
+                kind: key.kind,
+                token,
+            })
+        })
+        .await
+    }
+
+    /// Renews the leader's lease; retries up to `retries` times, `retry_interval_ms` apart, while
+    /// the store is unavailable.
+    pub async fn extend(
+        &self,
+        kind: &str,
+        election: &str,
+        leader: &str,
+        term_ms: i64,
+        retries: i64,
+        retry_interval_ms: i64,
+    ) -> Result<FencingToken, ElectionError> {
+        self.instrumented(Action::ExtendElectedTerm, async {
+            let key = election_key(kind, election)?;
+            let leader = Name::parse("leader", leader)?;
+            let term = self.inner.terms.parse("term", term_ms)?;
+            let retries = bounded("retries", retries, MAX_RETRIES)?;
+            let interval = bounded("retry_interval", retry_interval_ms, MAX_RETRY_INTERVAL_MS)?;
+            let command = Command::Extend {
+                leader: leader.clone(),
+                term,
+            };
+            let mut attempt = 0;
+            let outcome = loop {
+                match self.inner.store.execute(&key, command.clone()).await {
+                    Err(StoreError::Unavailable(_)) if attempt < retries => {
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(interval)).await;
+                    }
+                    result => break result?,
+                }
+            };
+            match outcome {
+                Outcome::Leading { token } => Ok(token),
+                Outcome::NotHolder { holder: None } => Err(ElectionError::NoLeader { election: key }),
+                Outcome::NotHolder {
+                    holder: Some(holder),
+                } => Err(ElectionError::HeldByOther {
+                    election: key,
+                    holder,
+                    caller: leader,
+                }),
+                other => unreachable_outcome(&other),
+            }
+        })
+        .await
+    }
+
+    /// Gives up leadership at once. Succeeds when nobody leads; fails when someone else does.
+    pub async fn resign(
+        &self,
+        kind: &str,
+        election: &str,
+        leader: &str,
+    ) -> Result<(), ElectionError> {
+        self.instrumented(Action::Resign, async {
+            let key = election_key(kind, election)?;
+            let leader = Name::parse("leader", leader)?;
+            let command = Command::Resign {
+                leader: leader.clone(),
+            };
+            match self.inner.store.execute(&key, command).await? {
+                Outcome::Resigned => Ok(()),
+                Outcome::NotHolder {
+                    holder: Some(holder),
+                } => Err(ElectionError::NotLeader {
+                    election: key,
+                    holder,
+                    caller: leader,
+                }),
+                other => unreachable_outcome(&other),
+            }
+        })
+        .await
+    }
+
+    /// Makes `leader` the leader for `term_ms` milliseconds, whoever led before.
+    pub async fn handover(
+        &self,
+        kind: &str,
+        election: &str,
+        leader: &str,
+        term_ms: i64,
+    ) -> Result<FencingToken, ElectionError> {
+        self.instrumented(Action::Handover, async {
+            let key = election_key(kind, election)?;
+            let leader = Name::parse("leader", leader)?;
+            let term = self.inner.terms.parse("term", term_ms)?;
+            match self
+                .inner
+                .store
+                .execute(&key, Command::Handover { leader, term })
+                .await?
+            {
+                Outcome::HandedOver { token } => Ok(token),
+                other => unreachable_outcome(&other),
+            }
+        })
+        .await
+    }
+
+    /// The live leader of an election.
+    pub async fn leader(&self, kind: &str, election: &str) -> Result<LeaderInfo, ElectionError> {
+        self.instrumented(Action::GetLeader, async {
+            let key = election_key(kind, election)?;
+            self.inner
+                .store
+                .leader(&key)
+                .await?
+                .ok_or(ElectionError::NoLeader { election: key })
+        })
+        .await
+    }
+
+    /// The live leaders of every election of a kind, sorted by election name.
+    pub async fn leaders(&self, kind: &str) -> Result<(Name, Vec<(Name, LeaderInfo)>), ElectionError> {
+        self.instrumented(Action::ListLeaders, async {
+            let kind = Name::parse_kind("kind", kind)?;
+            let leaders = self.inner.store.leaders(&kind).await?;
+            Ok((kind, leaders))
+        })
+        .await
+    }
+
+    /// Pods of a Deployment: Kubernetes discovery is not part of this agent yet.
+    pub async fn pods(&self) -> Result<std::convert::Infallible, ElectionError> {
+        self.instrumented(Action::GetPods, async {
+            Err(ElectionError::Unimplemented(
+                "Kubernetes discovery is not available in this agent: GetPods is not implemented",
+            ))
+        })
+        .await
+    }
+
+    /// Readiness: the store can serve and the agent is not shutting down.
+    pub async fn ready(&self) -> Result<(), ElectionError> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(StoreError::Unavailable("the agent is shutting down".into()).into());
+        }
+        Ok(self.inner.store.check().await?)
+    }
+
+    /// The current leader of an election at once, then every change of leadership, until the
+    /// agent shuts down. Validation and the first read happen before the stream is returned, so
+    /// their errors reach the caller as a plain error.
+    pub async fn observe(
+        &self,
+        kind: &str,
+        election: &str,
+    ) -> Result<impl Stream<Item = Result<LeaderEvent, ElectionError>> + Send + use<>, ElectionError>
+    {
+        let key = election_key(kind, election)?;
+        // Subscribe before reading, so no change can fall between the read and the subscription.
+        let changes = self.inner.store.subscribe();
+        let current = self.inner.store.leader(&key).await?;
+        Ok(observe(self.inner.clone(), key, changes, current))
+    }
+
+    async fn instrumented<T>(
+        &self,
+        action: Action,
+        request: impl Future<Output = Result<T, ElectionError>>,
+    ) -> Result<T, ElectionError> {
+        let guard = self.inner.metrics.start(action);
+        let result = request.await;
+        if let Err(ElectionError::Unavailable(_)) = &result {
+            self.inner.metrics.count_unavailable();
+        }
+        guard.finish(result.is_ok());
+        result
+    }
+}
+
+fn election_key(kind: &str, election: &str) -> Result<ElectionKey, InvalidArgument> {
+    Ok(ElectionKey {
+        kind: Name::parse_kind("kind", kind)?,
+        election: Name::parse("election", election)?,
+    })
+}
+
+fn bounded(field: &'static str, value: i64, max: i64) -> Result<u64, InvalidArgument> {
+    u64::try_from(value)
+        .ok()
+        .filter(|v| *v as i64 <= max)
+        .ok_or_else(|| InvalidArgument {
+            field,
+            reason: format!("{value} is out of range; allowed 0..={max}"),
+        })
+}
+
+/// The lease engine answers each command with one of a known set of outcomes; anything else is a
+/// bug in a store.
+fn unreachable_outcome(outcome: &Outcome) -> ! {
+    unreachable!("a lease store returned {outcome:?}, which the lease engine never decides for this command")
+}
+
+/// A live leader as an observer tracks it: who, which token, and when it expires on our clock.
+struct Tracked {
+    leader: Name,
+    token: FencingToken,
+    deadline: Instant,
+}
+
+impl Tracked {
+    fn from_info(info: LeaderInfo) -> Self {
+        Self {
+            deadline: Instant::now() + Duration::from_millis(info.ttl_ms),
+            leader: info.leader,
+            token: info.token,
+        }
+    }
+}
+
+fn observe(
+    inner: Arc<Inner>,
+    election: ElectionKey,
+    mut changes: tokio::sync::broadcast::Receiver<crate::store::LeaseChange>,
+    current: Option<LeaderInfo>,
+) -> impl Stream<Item = Result<LeaderEvent, ElectionError>> + Send + 'static {
+    async_stream::stream! {
+        let _in_flight = inner.metrics.start(Action::Observe);
+        let event = |kind, leader: Option<&Tracked>| LeaderEvent {
+            kind,
+            election: election.clone(),
+            leader: leader.map(|l| l.leader.clone()),
+            token: leader.map(|l| l.token).unwrap_or_default(),
+        };
+        let mut current = current.map(Tracked::from_info);
+        yield Ok(event(EventKind::Current, current.as_ref()));
+        loop {
+            let deadline = current.as_ref().map(|c| c.deadline);
+            tokio::select! {
+                () = inner.shutdown.cancelled() => break,
+                received = changes.recv() => match received {
+                    Ok(change) if change.election == election => {
+                        let kind = match change.cause {
+                            ChangeCause::Elected => Some(EventKind::Elected),
+                            ChangeCause::HandedOver => Some(EventKind::HandedOver),
+                            ChangeCause::Resigned => Some(EventKind::Resigned),
+                            ChangeCause::Renewed => None,
+                        };
+                        let tracked = Tracked::from_info(change.leader);
+                        if let Some(kind) = kind {
+                            yield Ok(event(kind, Some(&tracked)));
+                        }
+                        current = (change.cause != ChangeCause::Resigned).then_some(tracked);
+                    }
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(_)) => {
+                        // Fell behind: resynchronise from the store and say who leads now.
+                        match inner.store.leader(&election).await {
+                            Ok(info) => {
+                                current = info.map(Tracked::from_info);
+                                yield Ok(event(EventKind::Current, current.as_ref()));
+                            }
+                            Err(err) => { yield Err(err.into()); break; }
+                        }
+                    }
+                    Err(RecvError::Closed) => break,
+                },
+                () = sleep_until(deadline) => {
+                    // The term ran out unless it was renewed without us hearing: ask the store.
+                    match inner.store.leader(&election).await {
+                        Ok(Some(info)) => {
+                            let renewed = Tracked::from_info(info);
+                            if current.as_ref().is_some_and(|c| c.token != renewed.token) {
+                                yield Ok(event(EventKind::Elected, Some(&renewed)));
+                            }
+                            current = Some(renewed);
+                        }
+                        Ok(None) => {
+                            yield Ok(event(EventKind::Expired, current.as_ref()));
+                            current = None;
+                        }
+                        Err(err) => { yield Err(err.into()); break; }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::store::MemoryStore;
+
+    fn service() -> ElectionService {
+        ElectionService::new(
+            Store::Memory(MemoryStore::new()),
+            TermBounds::default(),
+            Arc::new(Metrics::new("test", vec![1.0]).unwrap()),
+            CancellationToken::new(),
+        )
+    }
+
+    fn field(err: ElectionError) -> &'static str {
+        match err {
+            ElectionError::InvalidArgument(err) => err.field,
+            other => panic!("expected an invalid argument, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn every_invalid_field_is_refused_and_named() {
+        let s = service();
+        let long = "x".repeat(254);
+        for bad in ["", "a*", "a?", "a[1]", "a b", long.as_str()] {
+            assert_eq!(field(s.campaign("", bad, "c", 1000).await.unwrap_err()), "election");
+            assert_eq!(field(s.campaign("", "e", bad, 1000).await.unwrap_err()), "candidate");
+            assert_eq!(field(s.extend("", "e", bad, 1000, 0, 0).await.unwrap_err()), "leader");
+            assert_eq!(field(s.resign("", "e", bad).await.unwrap_err()), "leader");
+            assert_eq!(field(s.handover("", "e", bad, 1000).await.unwrap_err()), "leader");
+            assert_eq!(field(s.leader("", bad).await.unwrap_err()), "election");
+            if !bad.is_empty() {
+                assert_eq!(field(s.leaders(bad).await.unwrap_err()), "kind");
+                assert_eq!(field(s.campaign(bad, "e", "c", 1000).await.unwrap_err()), "kind");
+            }
+        }
+        for term in [0, 999, 86_400_001, -5] {
+            assert_eq!(field(s.campaign("", "e", "c", term).await.unwrap_err()), "term");
+            assert_eq!(field(s.extend("", "e", "c", term, 0, 0).await.unwrap_err()), "term");
+            assert_eq!(field(s.handover("", "e", "c", term).await.unwrap_err()), "term");
+        }
+        assert_eq!(field(s.extend("", "e", "c", 1000, 11, 0).await.unwrap_err()), "retries");
+        assert_eq!(field(s.extend("", "e", "c", 1000, -1, 0).await.unwrap_err()), "retries");
+        assert_eq!(field(s.extend("", "e", "c", 1000, 0, 1001).await.unwrap_err()), "retry_interval");
+        assert!(s.observe("", "a*").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn requests_are_counted_in_the_duration_histogram() {
+        let s = service();
+        s.campaign("", "e", "c", 1000).await.unwrap();
+        s.leader("", "none").await.unwrap_err();
+        let text = s.metrics().encode();
+        assert!(text.contains(r#"election_agent_request_duration_seconds_count{action="campaign",status="success",agent="test"} 1"#));
+        assert!(text.contains(r#"election_agent_request_duration_seconds_count{action="get_leader",status="fail",agent="test"} 1"#));
+    }
+
+    #[tokio::test]
+    async fn errors_distinguish_no_leader_from_another_leader() {
+        let s = service();
+        assert!(matches!(s.extend("k", "e", "a", 1000, 0, 0).await, Err(ElectionError::NoLeader { .. })));
+        assert!(matches!(s.leader("k", "e").await, Err(ElectionError::NoLeader { .. })));
+        s.campaign("k", "e", "a", 5000).await.unwrap();
+        assert!(matches!(s.extend("k", "e", "b", 1000, 0, 0).await, Err(ElectionError::HeldByOther { .. })));
+        assert!(matches!(s.resign("k", "e", "b").await, Err(ElectionError::NotLeader { .. })));
+        let lost = s.campaign("k", "e", "b", 5000).await.unwrap();
+        assert!(!lost.elected);
+        assert_eq!(lost.leader.as_str(), "a");
+        assert_eq!(lost.kind.as_str(), "k");
+        assert!(matches!(s.pods().await, Err(ElectionError::Unimplemented(_))));
+    }
+
+    #[tokio::test]
+    async fn observe_reports_current_leader_then_every_change_including_expiry() {
+        let s = service();
+        s.campaign("", "watched", "a", 5_000).await.unwrap();
+        let mut events = Box::pin(s.observe("", "watched").await.unwrap());
+        let mut next = async || {
+            let event = tokio::time::timeout(Duration::from_secs(3), events.next())
+                .await
+                .expect("event in time")
+                .expect("stream open")
+                .expect("no error");
+            (event.kind, event.leader.map(|l| l.to_string()), event.token.0)
+        };
+        assert_eq!(next().await, (EventKind::Current, Some("a".into()), 1));
+        s.extend("", "watched", "a", 5_000, 0, 0).await.unwrap();
+        s.handover("", "watched", "b", 5_000).await.unwrap();
+        assert_eq!(next().await, (EventKind::HandedOver, Some("b".into()), 2), "renewals are not reported");
+        s.resign("", "watched", "b").await.unwrap();
+        assert_eq!(next().await, (EventKind::Resigned, Some("b".into()), 2));
+        s.campaign("", "watched", "c", 1_000).await.unwrap();
+        assert_eq!(next().await, (EventKind::Elected, Some("c".into()), 3));
+        let started = std::time::Instant::now();
+        assert_eq!(next().await, (EventKind::Expired, Some("c".into()), 3), "expiry with no request");
+        assert!(started.elapsed() < Duration::from_millis(1_100), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn observe_streams_end_when_the_agent_shuts_down() {
+        let shutdown = CancellationToken::new();
+        let s = ElectionService::new(
+            Store::Memory(MemoryStore::new()),
+            TermBounds::default(),
+            Arc::new(Metrics::new("test", vec![1.0]).unwrap()),
+            shutdown.clone(),
+        );
+        let mut events = Box::pin(s.observe("", "e").await.unwrap());
+        assert_eq!(events.next().await.unwrap().unwrap().kind, EventKind::Current);
+        shutdown.cancel();
+        assert!(tokio::time::timeout(Duration::from_secs(1), events.next()).await.unwrap().is_none());
+        assert!(s.ready().await.is_err(), "not ready while shutting down");
+    }
+}

@@ -1,0 +1,203 @@
+//! The gRPC adapter: the `Election` service of the wire contract over [`ElectionService`].
+//!
+//! Handlers only translate messages; [`status`] is the one place where errors become gRPC codes.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use crate::election::{ElectionError, ElectionService, EventKind, LeaderEvent};
+
+/// The code generated from `proto/election_agent/v1/election_agent.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("grpc.election_agent.v1");
+
+    /// The encoded descriptor set of the contract, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/election_agent_descriptor.bin"));
+}
+
+pub use pb::election_server::ElectionServer;
+
+/// The fully qualified name of the `Election` service, as health checks know it.
+pub const SERVICE_NAME: &str = "grpc.election_agent.v1.Election";
+
+/// Maps a service error to its gRPC status (SPEC §3).
+pub fn status(err: ElectionError) -> Status {
+    let message = err.to_string();
+    match err {
+        ElectionError::InvalidArgument(_) => Status::invalid_argument(message),
+        ElectionError::NoLeader { .. } | ElectionError::NotLeader { .. } => {
+            Status::not_found(message)
+        }
+        ElectionError::HeldByOther { .. } => Status::already_exists(message),
+        ElectionError::Unavailable(_) => Status::failed_precondition(message),
+        ElectionError::Unimplemented(_) => Status::unimplemented(message),
+    }
+}
+
+/// The `Election` gRPC service.
+pub struct ElectionGrpc {
+    service: ElectionService,
+}
+
+impl ElectionGrpc {
+    /// Serves `service` over gRPC.
+    pub fn new(service: ElectionService) -> ElectionServer<Self> {
+        ElectionServer::new(Self { service })
+    }
+}
+
+fn event_message(event: LeaderEvent) -> pb::LeaderEvent {
+    use pb::leader_event::Type;
+    let kind = match event.kind {
+        EventKind::Current => Type::Current,
+        EventKind::Elected => Type::Elected,
+        EventKind::HandedOver => Type::HandedOver,
+        EventKind::Resigned => Type::Resigned,
+        EventKind::Expired => Type::Expired,
+    };
+    pb::LeaderEvent {
+        r#type: kind.into(),
+        election: event.election.election.to_string(),
+        kind: event.election.kind.to_string(),
+        leader: event.leader.map(|l| l.to_string()).unwrap_or_default(),
+        fencing_token: event.token.0,
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::LeaderEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::election_server::Election for ElectionGrpc {
+    async fn campaign(
+        &self,
+        request: Request<pb::CampaignRequest>,
+    ) -> Result<Response<pb::CampaignResult>, Status> {
+        let r = request.into_inner();
+        let result = self
+            .service
+            .campaign(&r.kind, &r.election, &r.candidate, r.term.into())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::CampaignResult {
+            elected: result.elected,
+            leader: result.leader.to_string(),
+            kind: result.kind.to_string(),
+            fencing_token: result.token.0,
+        }))
+    }
+
+    async fn extend_elected_term(
+        &self,
+        request: Request<pb::ExtendElectedTermRequest>,
+    ) -> Result<Response<pb::BoolValue>, Status> {
+        let r = request.into_inner();
+        let token = self
+            .service
+            .extend(
+                &r.kind,
+                &r.election,
+                &r.leader,
+                r.term.into(),
+                r.retries.into(),
+                r.retry_interval.into(),
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::BoolValue {
+            value: true,
+            fencing_token: token.0,
+        }))
+    }
+
+    async fn resign(
+        &self,
+        request: Request<pb::ResignRequest>,
+    ) -> Result<Response<pb::BoolValue>, Status> {
+        let r = request.into_inner();
+        self.service
+            .resign(&r.kind, &r.election, &r.leader)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::BoolValue {
+            value: true,
+            fencing_token: 0,
+        }))
+    }
+
+    async fn handover(
+        &self,
+        request: Request<pb::HandoverRequest>,
+    ) -> Result<Response<pb::BoolValue>, Status> {
+        let r = request.into_inner();
+        let token = self
+            .service
+            .handover(&r.kind, &r.election, &r.leader, r.term.into())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::BoolValue {
+            value: true,
+            fencing_token: token.0,
+        }))
+    }
+
+    async fn get_leader(
+        &self,
+        request: Request<pb::GetLeaderRequest>,
+    ) -> Result<Response<pb::StringValue>, Status> {
+        let r = request.into_inner();
+        let info = self
+            .service
+            .leader(&r.kind, &r.election)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::StringValue {
+            value: info.leader.to_string(),
+            fencing_token: info.token.0,
+        }))
+    }
+
+    async fn list_leaders(
+        &self,
+        request: Request<pb::ListLeadersRequest>,
+    ) -> Result<Response<pb::Leaders>, Status> {
+        let r = request.into_inner();
+        let (_, leaders) = self.service.leaders(&r.kind).await.map_err(status)?;
+        Ok(Response::new(pb::Leaders {
+            leaders: leaders
+                .into_iter()
+                .map(|(election, info)| pb::Leader {
+                    election: election.to_string(),
+                    name: info.leader.to_string(),
+                    fencing_token: info.token.0,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_pods(
+        &self,
+        _request: Request<pb::GetPodsRequest>,
+    ) -> Result<Response<pb::Pods>, Status> {
+        match self.service.pods().await.map_err(status)? {}
+    }
+
+    type ObserveStream = EventStream;
+
+    async fn observe(
+        &self,
+        request: Request<pb::ObserveRequest>,
+    ) -> Result<Response<Self::ObserveStream>, Status> {
+        let r = request.into_inner();
+        let events = self
+            .service
+            .observe(&r.kind, &r.election)
+            .await
+            .map_err(status)?;
+        let events = events.map(|event| event.map(event_message).map_err(status));
+        Ok(Response::new(Box::pin(events)))
+    }
+}

@@ -1,0 +1,572 @@
+//! The REST adapter (SPEC §4): the Go service's routes plus list, watch (Server-Sent Events),
+//! probes, metrics and the OpenAPI document.
+//!
+//! Routes are registered through `utoipa_axum`'s `OpenApiRouter`, which takes each route's path
+//! and method from the handler's `#[utoipa::path]` attribute: the served document and the router
+//! are built from the same declaration and cannot drift. Every error leaves as
+//! `{"message": "..."}`; [`ApiError::from`] for [`ElectionError`] is the one mapping to HTTP status.
+
+use std::{convert::Infallible, sync::Arc};
+
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, FromRequest, FromRequestParts, State, rejection::{JsonRejection, PathRejection}},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response, sse},
+};
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use utoipa::{OpenApi, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::election::{ElectionError, ElectionService, EventKind, LeaderEvent};
+
+/// Largest request body accepted; larger ones get 413.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// What the HTTP handlers share.
+#[derive(Clone)]
+pub struct HttpState {
+    service: ElectionService,
+    metrics_enabled: bool,
+    openapi: Arc<str>,
+}
+
+/// The REST API, probes, metrics (when enabled) and the OpenAPI document over `service`.
+pub fn router(service: ElectionService, metrics_enabled: bool) -> Router {
+    let (router, openapi) = api().split_for_parts();
+    let state = HttpState {
+        service,
+        metrics_enabled,
+        openapi: openapi.to_pretty_json().unwrap_or_default().into(),
+    };
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// The OpenAPI 3 document of [`router`].
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api().into_openapi()
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "election-agent",
+        description = "Leader election over HTTP: campaign for, keep, hand over and watch leadership. \
+            Names (kind, election, candidate, leader) are 1..253 characters of [A-Za-z0-9._:/@-]; \
+            terms are milliseconds (1000 .. 86400000 by default).",
+    ),
+    tags(
+        (name = "election", description = "Leases of elections"),
+        (name = "kubernetes", description = "Kubernetes discovery"),
+        (name = "operations", description = "Probes, metrics and this document"),
+    )
+)]
+struct ApiDoc;
+
+fn api() -> OpenApiRouter<HttpState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(get_leader, campaign, extend, handover, resign))
+        .routes(routes!(list_leaders))
+        .routes(routes!(watch))
+        .routes(routes!(pods))
+        .routes(routes!(livez))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_document))
+}
+
+/// An error response: a status and `{"message": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+/// The body of every error response.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, naming the field at fault where there is one.
+    message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            axum::Json(ErrorBody {
+                message: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<ElectionError> for ApiError {
+    fn from(err: ElectionError) -> Self {
+        let status = match &err {
+            ElectionError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+            ElectionError::NoLeader { .. } | ElectionError::NotLeader { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            ElectionError::HeldByOther { .. } => StatusCode::CONFLICT,
+            ElectionError::Unavailable(_) => StatusCode::PRECONDITION_FAILED,
+            ElectionError::Unimplemented(_) => StatusCode::NOT_IMPLEMENTED,
+        };
+        Self {
+            status,
+            message: err.to_string(),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        // A body that parses but lacks a field or has one of the wrong type is a bad request too
+        // (axum would say 422); 413 and 415 keep their status.
+        let status = match rejection.status() {
+            StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+            status => status,
+        };
+        Self {
+            status,
+            message: rejection.body_text(),
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: rejection.body_text(),
+        }
+    }
+}
+
+/// `axum::Json` whose rejections are [`ApiError`]s.
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+struct Json<T>(T);
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// `axum::extract::Path` whose rejections are [`ApiError`]s.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+struct Path<T>(T);
+
+/// `GET /election/{kind}/{name}`: the leader.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct LeaderBody {
+    /// The leader's name.
+    leader: String,
+    /// The fencing token of its lease.
+    fencing_token: u64,
+}
+
+/// `POST /election/{kind}/{name}`: campaign.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct CampaignBody {
+    /// Who campaigns.
+    candidate: String,
+    /// Term in milliseconds.
+    term: i64,
+}
+
+/// The result of a campaign; losing is not an error.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct CampaignResponse {
+    /// Whether the candidate leads now.
+    elected: bool,
+    /// Who leads.
+    leader: String,
+    /// The election's kind.
+    kind: String,
+    /// The leader's fencing token.
+    fencing_token: u64,
+}
+
+/// `PATCH /election/{kind}/{name}`: extend the leader's term.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ExtendBody {
+    /// The current leader.
+    leader: String,
+    /// Term in milliseconds.
+    term: i64,
+    /// Retries while the store is unavailable (0..10).
+    #[serde(default)]
+    retries: i64,
+    /// Milliseconds between retries (0..1000).
+    #[serde(default)]
+    retry_interval: i64,
+}
+
+/// `PUT /election/{kind}/{name}`: hand over to a new leader.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct HandoverBody {
+    /// The NEW leader.
+    leader: String,
+    /// Term in milliseconds.
+    term: i64,
+}
+
+/// `DELETE /election/{kind}/{name}`: resign.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ResignBody {
+    /// The current leader.
+    leader: String,
+}
+
+/// The success of extend, handover and resign.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ValueBody {
+    /// Always true on success.
+    value: bool,
+    /// The lease's fencing token after extend and handover; 0 after resign.
+    fencing_token: u64,
+}
+
+/// One leader of a list.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct LeaderEntry {
+    /// The election.
+    election: String,
+    /// Its leader.
+    name: String,
+    /// The fencing token of its lease.
+    fencing_token: u64,
+}
+
+/// The live leaders of a kind.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct LeadersBody {
+    /// The kind.
+    kind: String,
+    /// Leaders, sorted by election.
+    leaders: Vec<LeaderEntry>,
+}
+
+/// One Server-Sent Event of a watch; the SSE `event` field repeats `type`.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct WatchEvent {
+    /// current | elected | handed_over | resigned | expired
+    r#type: String,
+    /// The election's kind.
+    kind: String,
+    /// The election.
+    election: String,
+    /// The leader after the event; for resigned/expired the one who stopped leading; empty when
+    /// nobody leads.
+    leader: String,
+    /// That leader's fencing token.
+    fencing_token: u64,
+}
+
+/// Probe result.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct StatusBody {
+    /// `ok`, or `unavailable` with a message.
+    status: String,
+    /// Why the agent is not ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+#[utoipa::path(get, path = "/election/{kind}/{name}", tag = "election",
+    params(("kind" = String, Path, description = "Kind of the election"), ("name" = String, Path, description = "Election")),
+    responses(
+        (status = 200, description = "The live leader", body = LeaderBody),
+        (status = 400, description = "Invalid kind or name", body = ErrorBody),
+        (status = 404, description = "No live leader", body = ErrorBody),
+        (status = 412, description = "Lease store unavailable", body = ErrorBody),
+    ))]
+async fn get_leader(
+    State(state): State<HttpState>,
+    Path((kind, name)): Path<(String, String)>,
+) -> Result<Json<LeaderBody>, ApiError> {
+    let info = state.service.leader(&kind, &name).await?;
+    Ok(Json(LeaderBody {
+        leader: info.leader.to_string(),
+        fencing_token: info.token.0,
+    }))
+}
+
+#[utoipa::path(post, path = "/election/{kind}/{name}", tag = "election",
+    params(("kind" = String, Path, description = "Kind of the election"), ("name" = String, Path, description = "Election")),
+    request_body = CampaignBody,
+    responses(
+        (status = 200, description = "Campaign done; `elected` says whether it was won", body = CampaignResponse),
+        (status = 400, description = "Invalid or malformed request", body = ErrorBody),
+        (status = 412, description = "Lease store unavailable", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+    ))]
+async fn campaign(
+    State(state): State<HttpState>,
+    Path((kind, name)): Path<(String, String)>,
+    Json(body): Json<CampaignBody>,
+) -> Result<Json<CampaignResponse>, ApiError> {
+    let result = state
+        .service
+        .campaign(&kind, &name, &body.candidate, body.term)
+        .await?;
+    Ok(Json(CampaignResponse {
+        elected: result.elected,
+        leader: result.leader.to_string(),
+        kind: result.kind.to_string(),
+        fencing_token: result.token.0,
+    }))
+}
+
+#[utoipa::path(patch, path = "/election/{kind}/{name}", tag = "election",
+    params(("kind" = String, Path, description = "Kind of the election"), ("name" = String, Path, description = "Election")),
+    request_body = ExtendBody,
+    responses(
+        (status = 200, description = "Term extended", body = ValueBody),
+        (status = 400, description = "Invalid or malformed request", body = ErrorBody),
+        (status = 404, description = "Nobody leads", body = ErrorBody),
+        (status = 409, description = "Another candidate leads", body = ErrorBody),
+        (status = 412, description = "Lease store unavailable", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+    ))]
+async fn extend(
+    State(state): State<HttpState>,
+    Path((kind, name)): Path<(String, String)>,
+    Json(body): Json<ExtendBody>,
+) -> Result<Json<ValueBody>, ApiError> {
+    let token = state
+        .service
+        .extend(
+            &kind,
+            &name,
+            &body.leader,
+            body.term,
+            body.retries,
+            body.retry_interval,
+        )
+        .await?;
+    Ok(Json(ValueBody {
+        value: true,
+        fencing_token: token.0,
+    }))
+}
+
+#[utoipa::path(put, path = "/election/{kind}/{name}", tag = "election",
+    params(("kind" = String, Path, description = "Kind of the election"), ("name" = String, Path, description = "Election")),
+    request_body = HandoverBody,
+    responses(
+        (status = 200, description = "`leader` leads now, with a new fencing token", body = ValueBody),
+        (status = 400, description = "Invalid or malformed request", body = ErrorBody),
+        (status = 412, description = "Lease store unavailable", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+    ))]
+async fn handover(
+    State(state): State<HttpState>,
+    Path((kind, name)): Path<(String, String)>,
+    Json(body): Json<HandoverBody>,
+) -> Result<Json<ValueBody>, ApiError> {
+    let token = state
+        .service
+        .handover(&kind, &name, &body.leader, body.term)
+        .await?;
+    Ok(Json(ValueBody {
+        value: true,
+        fencing_token: token.0,
+    }))
+}
+
+#[utoipa::path(delete, path = "/election/{kind}/{name}", tag = "election",
+    params(("kind" = String, Path, description = "Kind of the election"), ("name" = String, Path, description = "Election")),
+    request_body = ResignBody,
+    responses(
+        (status = 200, description = "`leader` does not lead (any more)", body = ValueBody),
+        (status = 400, description = "Invalid or malformed request", body = ErrorBody),
+        (status = 404, description = "Another candidate leads", body = ErrorBody),
+        (status = 412, description = "Lease store unavailable", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+    ))]
+async fn resign(
+    State(state): State<HttpState>,
+    Path((kind, name)): Path<(String, String)>,
+    Json(body): Json<ResignBody>,
+) -> Result<Json<ValueBody>, ApiError> {
+    state.service.resign(&kind, &name, &body.leader).await?;
+    Ok(Json(ValueBody {
+        value: true,
+        fencing_token: 0,
+    }))
+}
+
+#[utoipa::path(get, path = "/election/{kind}", tag = "election",
+    params(("kind" = String, Path, description = "Kind of the elections")),
+    responses(
+        (status = 200, description = "Live leaders of the kind", body = LeadersBody),
+        (status = 400, description = "Invalid kind", body = ErrorBody),
+        (status = 412, description = "Lease store unavailable", body = ErrorBody),
+    ))]
+async fn list_leaders(
+    State(state): State<HttpState>,
+    Path(kind): Path<String>,
+) -> Result<Json<LeadersBody>, ApiError> {
+    let (kind, leaders) = state.service.leaders(&kind).await?;
+    Ok(Json(LeadersBody {
+        kind: kind.to_string(),
+        leaders: leaders
+            .into_iter()
+            .map(|(election, info)| LeaderEntry {
+                election: election.to_string(),
+                name: info.leader.to_string(),
+                fencing_token: info.token.0,
+            })
+            .collect(),
+    }))
+}
+
+fn watch_event(event: LeaderEvent) -> sse::Event {
+    let kind = match event.kind {
+        EventKind::Current => "current",
+        EventKind::Elected => "elected",
+        EventKind::HandedOver => "handed_over",
+        EventKind::Resigned => "resigned",
+        EventKind::Expired => "expired",
+    };
+    let body = WatchEvent {
+        r#type: kind.to_owned(),
+        kind: event.election.kind.to_string(),
+        election: event.election.election.to_string(),
+        leader: event.leader.map(|l| l.to_string()).unwrap_or_default(),
+        fencing_token: event.token.0,
+    };
+    sse::Event::default()
+        .event(kind)
+        .json_data(body)
+        .unwrap_or_default()
+}
+
+#[utoipa::path(get, path = "/election/{kind}/{name}/watch", tag = "election",
+    params(("kind" = String, Path, description = "Kind of the election"), ("name" = String, Path, description = "Election")),
+    responses(
+        (status = 200, description = "Server-Sent Events: the current leader at once, then every change \
+            (elected, handed_over, resigned, expired); an `error` event ends the stream if the store fails",
+            content_type = "text/event-stream", body = WatchEvent),
+        (status = 400, description = "Invalid kind or name", body = ErrorBody),
+        (status = 412, description = "Lease store unavailable", body = ErrorBody),
+    ))]
+async fn watch(
+    State(state): State<HttpState>,
+    Path((kind, name)): Path<(String, String)>,
+) -> Result<sse::Sse<impl Stream<Item = Result<sse::Event, Infallible>>>, ApiError> {
+    let events = state.service.observe(&kind, &name).await?;
+    let events = events.map(|event| {
+        Ok(match event {
+            Ok(event) => watch_event(event),
+            Err(err) => sse::Event::default()
+                .event("error")
+                .json_data(ErrorBody {
+                    message: err.to_string(),
+                })
+                .unwrap_or_default(),
+        })
+    });
+    Ok(sse::Sse::new(events).keep_alive(sse::KeepAlive::default()))
+}
+
+#[utoipa::path(get, path = "/kube/{namespace}/{deployment}/pods", tag = "kubernetes",
+    params(("namespace" = String, Path, description = "Namespace"), ("deployment" = String, Path, description = "Deployment")),
+    responses(
+        (status = 501, description = "Kubernetes discovery is not available in this agent", body = ErrorBody),
+    ))]
+async fn pods(
+    State(state): State<HttpState>,
+    Path((_namespace, _deployment)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    match state.service.pods().await? {}
+}
+
+#[utoipa::path(get, path = "/livez", tag = "operations",
+    responses((status = 200, description = "The process serves requests", body = StatusBody)))]
+async fn livez() -> Json<StatusBody> {
+    Json(StatusBody {
+        status: "ok".into(),
+        message: None,
+    })
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready: the lease store answers", body = StatusBody),
+        (status = 503, description = "Not ready: the lease store is unreachable or the agent is shutting down", body = StatusBody),
+    ))]
+async fn readyz(State(state): State<HttpState>) -> (StatusCode, Json<StatusBody>) {
+    match state.service.ready().await {
+        Ok(()) => (
+            StatusCode::OK,
+            Json(StatusBody {
+                status: "ok".into(),
+                message: None,
+            }),
+        ),
+        Err(err) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(StatusBody {
+                status: "unavailable".into(),
+                message: Some(err.to_string()),
+            }),
+        ),
+    }
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text format", content_type = "text/plain; version=0.0.4", body = String),
+        (status = 404, description = "Metrics are disabled (EA_METRIC_ENABLE=false)", body = ErrorBody),
+    ))]
+async fn metrics(State(state): State<HttpState>) -> Result<Response, ApiError> {
+    if !state.metrics_enabled {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: "metrics are disabled (EA_METRIC_ENABLE=false)".into(),
+        });
+    }
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.service.metrics().encode(),
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "This OpenAPI 3 document", content_type = "application/json", body = Object)))]
+async fn openapi_document(State(state): State<HttpState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.openapi.to_string(),
+    )
+        .into_response()
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!("no route for {}; see /openapi.json", uri.path()),
+    }
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: format!("{method} is not allowed on {}; see /openapi.json", uri.path()),
+    }
+}

@@ -1,0 +1,23 @@
+//! election-agent: a leader-election service for distributed systems.
+//!
+//! Applications campaign for, keep, hand over and watch leadership over gRPC or HTTP; leases live
+//! in a lease store. The crate is layered from the inside out:
+//!
+//! * [`lease`] — the lease engine: the rules of leadership as pure functions;
+//! * [`store`] — lease stores, which apply those rules atomically and announce changes;
+//! * [`election`] — the service every adapter calls: validation, metrics, Observe streams;
+//! * [`grpc`], [`http`] — thin adapters for the wire protocols;
+//! * [`config`], [`metrics`], [`server`] — configuration, Prometheus metrics, process wiring;
+//! * [`client`] — the command-line gRPC client.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod config;
+pub mod election;
+pub mod grpc;
+pub mod http;
+pub mod lease;
+pub mod metrics;
+pub mod server;
+pub mod store;

@@ -1,0 +1,203 @@
+//! The `election-agent` binary: runs the agent (default), prints the OpenAPI document, or acts as
+//! a gRPC client.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Arg, ArgMatches, Args, FromArgMatches, Parser, Subcommand};
+use election_agent::{
+    client::{self, ClientArgs},
+    config::{Config, ConfigError, Environment, SETTINGS, Sources},
+    http, server,
+};
+
+#[derive(Parser)]
+#[command(name = "election-agent", version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (what happens without a subcommand).
+    Serve(ServeArgs),
+    /// Print the OpenAPI 3 document of the REST API.
+    Openapi,
+    /// Call an agent's gRPC API.
+    Client(ClientArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// YAML configuration file (settings by their dotted path, e.g. `grpc: {port: 50051}`).
+    #[arg(long, env = "EA_CONFIG_FILE", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    settings: SettingFlags,
+}
+
+/// One `--flag VALUE` per configuration setting, generated from `config::SETTINGS`.
+struct SettingFlags(Vec<(&'static str, String)>);
+
+impl FromArgMatches for SettingFlags {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        Ok(Self(
+            SETTINGS
+                .iter()
+                .filter_map(|s| Some((s.key, matches.get_one::<String>(s.key)?.clone())))
+                .collect(),
+        ))
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl Args for SettingFlags {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        SETTINGS.iter().fold(cmd, |cmd, s| {
+            cmd.arg(
+                Arg::new(s.key)
+                    .long(s.flag())
+                    .value_name("VALUE")
+                    .help(format!("{} [env: {}] [default: {:?}]", s.help, s.key, s.default)),
+            )
+        })
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Openapi) => match http::openapi().to_pretty_json() {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(&err),
+        },
+        Some(Command::Client(args)) => match client::run(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => fail(&err),
+        },
+        Some(Command::Serve(args)) => serve(args).await,
+        None => serve(cli.serve).await,
+    }
+}
+
+fn fail(err: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("election-agent: {err}");
+    ExitCode::FAILURE
+}
+
+fn configuration(args: &ServeArgs) -> Result<(Config, Sources), ConfigError> {
+    let mut sources = Sources::default().environment(std::env::vars());
+    if let Some(path) = &args.config {
+        sources = sources.read_file(path)?;
+    }
+    for (key, value) in &args.settings.0 {
+        sources = sources.flag(key, value.clone());
+    }
+    Ok((sources.resolve()?, sources))
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let (config, sources) = match configuration(&args) {
+        Ok(loaded) => loaded,
+        Err(err) => {
+            eprintln!("election-agent: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    for key in sources.unknown_environment_keys() {
+        tracing::warn!(key, "ignoring an EA_* variable that this agent does not use");
+    }
+    if config.kube_enabled {
+        tracing::warn!(
+            "EA_KUBE_ENABLE=true, but Kubernetes discovery is not part of this agent yet: GetPods answers UNIMPLEMENTED"
+        );
+    }
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        name = %config.name,
+        store = config.store.mode.as_str(),
+        "starting election-agent"
+    );
+    let agent = match server::start(&config).await {
+        Ok(agent) => agent,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start");
+            return fail(&err);
+        }
+    };
+    let stop = async {
+        let signal = shutdown_signal().await;
+        tracing::info!(signal, "shutting down: draining requests in flight");
+    };
+    match agent.run_until(stop).await {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "stopped abnormally");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    // RUST_LOG, when set, refines EA_LOG_LEVEL per module.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(config.log_level.as_str()));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.environment {
+        Environment::Production => builder.json().with_current_span(false).init(),
+        Environment::Development => builder.compact().init(),
+    }
+}
+
+/// Resolves with the signal's name on SIGTERM or SIGINT.
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => tokio::select! {
+                _ = terminate.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,244 @@
+//! Runs the agent: builds the store, the service and its adapters from a [`Config`], binds the
+//! listeners, and shuts everything down in order.
+//!
+//! Shutdown (SIGTERM/SIGINT in `main`, or [`RunningAgent::shutdown`]): readiness and gRPC health
+//! flip to NOT_SERVING, both servers stop accepting and drain the requests in flight, Observe and
+//! watch streams end, and [`RunningAgent::wait`] returns — within `EA_SHUTDOWN_TIMEOUT` at most.
+
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::server::HealthReporter;
+
+use crate::{
+    config::{Config, StoreMode},
+    election::ElectionService,
+    grpc::{self, ElectionGrpc},
+    http,
+    metrics::Metrics,
+    store::{MemoryStore, Store},
+};
+
+/// Health service names reported besides the `Election` service: the overall status (`""`) and
+/// the names the Go service's probes use.
+const HEALTH_NAMES: [&str; 3] = ["", "liveness", "readiness"];
+
+/// Why the agent could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not be bound.
+    #[error("cannot listen for {what} on {address}: {source}")]
+    Bind {
+        /// gRPC or HTTP.
+        what: &'static str,
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The metrics registry refused a metric.
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The configured store is not available in this build.
+    #[error(
+        "EA_REDIS_MODE={0} is not available in this version of the agent; the Redis backends are \
+         not built yet: use EA_REDIS_MODE=memory"
+    )]
+    UnsupportedStore(&'static str),
+    /// A server failed while serving.
+    #[error("{what} server failed: {message}")]
+    Serve {
+        /// gRPC or HTTP.
+        what: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// Requests were still in flight when the shutdown timeout ran out.
+    #[error("requests still in flight after the shutdown timeout of {0:?}")]
+    ShutdownTimeout(Duration),
+}
+
+/// A started agent.
+pub struct RunningAgent {
+    /// Where gRPC listens, if enabled.
+    pub grpc_address: Option<SocketAddr>,
+    /// Where HTTP listens, if enabled.
+    pub http_address: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    health: HealthReporter,
+    servers: JoinSet<Result<(), ServerError>>,
+    shutdown_timeout: Duration,
+}
+
+/// Builds the store named by the configuration.
+fn store(config: &Config) -> Result<Store, ServerError> {
+    match config.store.mode {
+        StoreMode::Memory => Ok(Store::Memory(MemoryStore::new())),
+        other => Err(ServerError::UnsupportedStore(other.as_str())),
+    }
+}
+
+/// Starts the agent: binds every enabled listener and serves until shut down.
+pub async fn start(config: &Config) -> Result<RunningAgent, ServerError> {
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new(
+        &config.name,
+        config.request_duration_buckets.clone(),
+    )?);
+    let service = ElectionService::new(store(config)?, config.terms, metrics, shutdown.clone());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let mut servers = JoinSet::new();
+
+    let grpc_address = if config.grpc.enable {
+        let listener = bind("gRPC", SocketAddr::new(config.bind_address, config.grpc.port)).await?;
+        let address = local_address("gRPC", &listener)?;
+        for name in HEALTH_NAMES.into_iter().chain([grpc::SERVICE_NAME]) {
+            health
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(grpc::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|err| ServerError::Serve {
+                what: "gRPC",
+                message: err.to_string(),
+            })?;
+        let router = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(ElectionGrpc::new(service.clone()));
+        let stop = shutdown.clone();
+        servers.spawn(async move {
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
+                .await
+                .map_err(|err| ServerError::Serve {
+                    what: "gRPC",
+                    message: err.to_string(),
+                })
+        });
+        tracing::info!(%address, "gRPC API listening");
+        Some(address)
+    } else {
+        None
+    };
+
+    let http_address = if config.http.enable {
+        let listener = bind("HTTP", SocketAddr::new(config.bind_address, config.http.port)).await?;
+        let address = local_address("HTTP", &listener)?;
+        let router = http::router(service.clone(), config.metrics_enabled);
+        let stop = shutdown.clone();
+        servers.spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .map_err(|err| ServerError::Serve {
+                    what: "HTTP",
+                    message: err.to_string(),
+                })
+        });
+        tracing::info!(%address, "HTTP API listening");
+        Some(address)
+    } else {
+        None
+    };
+
+    Ok(RunningAgent {
+        grpc_address,
+        http_address,
+        shutdown,
+        health,
+        servers,
+        shutdown_timeout: config.shutdown_timeout,
+    })
+}
+
+impl RunningAgent {
+    /// Starts the shutdown: NOT_SERVING, stop accepting, drain. Returns at once; see [`wait`].
+    ///
+    /// [`wait`]: RunningAgent::wait
+    pub async fn shutdown(&self) {
+        for name in HEALTH_NAMES.into_iter().chain([grpc::SERVICE_NAME]) {
+            self.health
+                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        self.shutdown.cancel();
+    }
+
+    /// Waits until both servers have stopped: after [`shutdown`] once in-flight requests are
+    /// done (bounded by the shutdown timeout), or earlier if a server fails.
+    ///
+    /// [`shutdown`]: RunningAgent::shutdown
+    pub async fn wait(self) -> Result<(), ServerError> {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// Serves until `stop` resolves (e.g. on SIGTERM), then shuts down as [`shutdown`] does and
+    /// waits as [`wait`] does.
+    ///
+    /// [`shutdown`]: RunningAgent::shutdown
+    /// [`wait`]: RunningAgent::wait
+    pub async fn run_until(mut self, stop: impl Future<Output = ()>) -> Result<(), ServerError> {
+        tokio::pin!(stop);
+        let mut result = Ok(());
+        while !self.shutdown.is_cancelled() {
+            tokio::select! {
+                () = &mut stop => self.shutdown().await,
+                () = self.shutdown.cancelled() => {}
+                next = self.servers.join_next() => match next {
+                    None => return result,
+                    Some(joined) => {
+                        if let Err(err) = flatten(joined) {
+                            // One server failed: stop the other too, and report the failure.
+                            result = Err(err);
+                            self.shutdown().await;
+                        }
+                    }
+                },
+            }
+        }
+        let drain = async {
+            while let Some(joined) = self.servers.join_next().await {
+                if let (Err(err), Ok(())) = (flatten(joined), &result) {
+                    result = Err(err);
+                }
+            }
+        };
+        tokio::time::timeout(self.shutdown_timeout, drain)
+            .await
+            .map_err(|_| ServerError::ShutdownTimeout(self.shutdown_timeout))?;
+        result
+    }
+}
+
+fn flatten(
+    joined: Result<Result<(), ServerError>, tokio::task::JoinError>,
+) -> Result<(), ServerError> {
+    joined.unwrap_or_else(|err| {
+        Err(ServerError::Serve {
+            what: "agent",
+            message: err.to_string(),
+        })
+    })
+}
+
+async fn bind(what: &'static str, address: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| ServerError::Bind {
+            what,
+            address,
+            source,
+        })
+}
+
+fn local_address(what: &'static str, listener: &TcpListener) -> Result<SocketAddr, ServerError> {
+    listener.local_addr().map_err(|err| ServerError::Serve {
+        what,
+        message: err.to_string(),
+    })
+}

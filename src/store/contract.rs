@@ -1,0 +1,227 @@
+//! The lease-store contract: SPEC §5 semantics that every backend must show identically.
+//!
+//! `run` drives a store through every command in every lease state with real time and short
+//! terms. Each backend's tests call it unchanged.
+
+use std::time::Duration;
+
+use super::LeaseStore;
+use crate::lease::{ChangeCause, Command, ElectionKey, FencingToken, Name, Outcome, Term};
+
+const SHORT: Term = Term::from_millis(150);
+const LONG: Term = Term::from_millis(10_000);
+/// Comfortably longer than `SHORT`, so the lease has certainly expired.
+const PAST_SHORT: Duration = Duration::from_millis(300);
+
+fn name(s: &str) -> Name {
+    Name::parse("test", s).expect("valid test name")
+}
+
+fn key(kind: &str, election: &str) -> ElectionKey {
+    ElectionKey {
+        kind: name(kind),
+        election: name(election),
+    }
+}
+
+fn campaign(candidate: &str, term: Term) -> Command {
+    Command::Campaign {
+        candidate: name(candidate),
+        term,
+    }
+}
+
+fn extend(leader: &str, term: Term) -> Command {
+    Command::Extend {
+        leader: name(leader),
+        term,
+    }
+}
+
+fn resign(leader: &str) -> Command {
+    Command::Resign {
+        leader: name(leader),
+    }
+}
+
+fn handover(leader: &str, term: Term) -> Command {
+    Command::Handover {
+        leader: name(leader),
+        term,
+    }
+}
+
+async fn leading<S: LeaseStore>(store: &S, election: &ElectionKey, command: Command) -> FencingToken {
+    match store.execute(election, command.clone()).await {
+        Ok(Outcome::Leading { token }) | Ok(Outcome::HandedOver { token }) => token,
+        other => panic!("{command:?} on {election}: expected to lead, got {other:?}"),
+    }
+}
+
+async fn leader_of<S: LeaseStore>(store: &S, election: &ElectionKey) -> Option<(String, u64)> {
+    store
+        .leader(election)
+        .await
+        .expect("store available")
+        .map(|info| (info.leader.to_string(), info.token.0))
+}
+
+/// Runs the whole contract against `store`. Election names are unique per run, so a persistent
+/// backend may be reused between runs.
+pub(crate) async fn run<S: LeaseStore>(store: &S) {
+    let run = format!(
+        "contract-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    );
+    store.check().await.expect("store is ready");
+    campaign_extend_resign_handover(store, &key(&run, "main")).await;
+    expiry(store, &key(&run, "expiry")).await;
+    listing_and_kinds(store, &run).await;
+    changes_are_announced(store, &key(&run, "observed")).await;
+}
+
+async fn campaign_extend_resign_handover<S: LeaseStore>(store: &S, election: &ElectionKey) {
+    assert_eq!(leader_of(store, election).await, None);
+    assert_eq!(
+        store.execute(election, extend("a", LONG)).await.unwrap(),
+        Outcome::NotHolder { holder: None },
+        "extend with no leader"
+    );
+    assert_eq!(
+        store.execute(election, resign("a")).await.unwrap(),
+        Outcome::Resigned,
+        "resign with no leader succeeds"
+    );
+
+    let first = leading(store, election, campaign("a", LONG)).await;
+    assert_eq!(leader_of(store, election).await, Some(("a".into(), first.0)));
+    assert_eq!(
+        store.execute(election, campaign("b", LONG)).await.unwrap(),
+        Outcome::Following {
+            leader: name("a"),
+            token: first
+        },
+        "campaign by another candidate returns the current leader"
+    );
+    assert_eq!(leading(store, election, campaign("a", LONG)).await, first, "campaign by holder renews");
+    assert_eq!(leading(store, election, extend("a", LONG)).await, first, "extend by holder renews");
+    assert_eq!(
+        store.execute(election, extend("b", LONG)).await.unwrap(),
+        Outcome::NotHolder {
+            holder: Some(name("a"))
+        },
+        "extend by another candidate"
+    );
+    assert_eq!(
+        store.execute(election, resign("b")).await.unwrap(),
+        Outcome::NotHolder {
+            holder: Some(name("a"))
+        },
+        "resign by another candidate"
+    );
+    assert_eq!(leader_of(store, election).await, Some(("a".into(), first.0)), "unchanged");
+
+    let handed = leading(store, election, handover("c", LONG)).await;
+    assert!(handed > first, "handover gives a new token");
+    assert_eq!(leader_of(store, election).await, Some(("c".into(), handed.0)));
+
+    assert_eq!(store.execute(election, resign("c")).await.unwrap(), Outcome::Resigned);
+    assert_eq!(leader_of(store, election).await, None, "resign deletes the lease at once");
+    let after_resign = leading(store, election, campaign("a", LONG)).await;
+    assert!(after_resign > handed, "token increases after resign, even for a former holder");
+    assert_eq!(store.execute(election, resign("a")).await.unwrap(), Outcome::Resigned);
+}
+
+async fn expiry<S: LeaseStore>(store: &S, election: &ElectionKey) {
+    let first = leading(store, election, campaign("a", SHORT)).await;
+    let info = store.leader(election).await.unwrap().expect("live lease");
+    assert!(info.ttl_ms >= 1 && info.ttl_ms <= SHORT.as_millis(), "ttl {}", info.ttl_ms);
+
+    tokio::time::sleep(PAST_SHORT).await;
+    assert_eq!(leader_of(store, election).await, None, "expired lease is not reported");
+    let back = leading(store, election, extend("a", SHORT)).await;
+    assert!(back > first, "holder taking back its expired lease gets a new token");
+
+    tokio::time::sleep(PAST_SHORT).await;
+    assert_eq!(store.execute(election, resign("a")).await.unwrap(), Outcome::Resigned);
+    assert_eq!(
+        store.execute(election, extend("a", SHORT)).await.unwrap(),
+        Outcome::NotHolder { holder: None },
+        "a lease resigned after expiry cannot be revived by extend"
+    );
+    assert_eq!(
+        store.execute(election, extend("b", SHORT)).await.unwrap(),
+        Outcome::NotHolder { holder: None },
+        "a non-holder cannot extend an expired lease"
+    );
+    let other = leading(store, election, campaign("b", LONG)).await;
+    assert!(other > back, "first campaigner after expiry wins with a higher token");
+    assert_eq!(
+        store.execute(election, extend("a", LONG)).await.unwrap(),
+        Outcome::NotHolder {
+            holder: Some(name("b"))
+        },
+        "the former holder cannot take it back once someone else has"
+    );
+}
+
+async fn listing_and_kinds<S: LeaseStore>(store: &S, run: &str) {
+    let kind = format!("{run}-list");
+    let other_kind = format!("{run}-other");
+    leading(store, &key(&kind, "z"), campaign("z1", LONG)).await;
+    leading(store, &key(&kind, "a"), campaign("a1", LONG)).await;
+    leading(store, &key(&kind, "short"), campaign("s1", SHORT)).await;
+    leading(store, &key(&kind, "gone"), campaign("g1", LONG)).await;
+    store.execute(&key(&kind, "gone"), resign("g1")).await.unwrap();
+    leading(store, &key(&other_kind, "a"), campaign("other", LONG)).await;
+    tokio::time::sleep(PAST_SHORT).await;
+
+    let listed: Vec<_> = store
+        .leaders(&name(&kind))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(election, info)| (election.to_string(), info.leader.to_string()))
+        .collect();
+    assert_eq!(
+        listed,
+        [("a".into(), "a1".into()), ("z".into(), "z1".into())],
+        "only live leases of the kind, sorted by election"
+    );
+    assert_eq!(
+        leader_of(store, &key(&other_kind, "a")).await.map(|l| l.0),
+        Some("other".into()),
+        "the same election name in another kind is another election"
+    );
+}
+
+async fn changes_are_announced<S: LeaseStore>(store: &S, election: &ElectionKey) {
+    let mut changes = store.subscribe();
+    leading(store, election, campaign("a", LONG)).await;
+    leading(store, election, extend("a", LONG)).await;
+    leading(store, election, handover("b", LONG)).await;
+    store.execute(election, resign("b")).await.unwrap();
+
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let change = tokio::time::timeout(Duration::from_secs(2), changes.recv())
+            .await
+            .expect("change announced in time")
+            .expect("no lag");
+        if change.election == *election {
+            seen.push((change.cause, change.leader.leader.to_string()));
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            (ChangeCause::Elected, "a".into()),
+            (ChangeCause::Renewed, "a".into()),
+            (ChangeCause::HandedOver, "b".into()),
+            (ChangeCause::Resigned, "b".into()),
+        ]
+    );
+}
