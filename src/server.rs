@@ -10,7 +10,11 @@ use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic_health::server::HealthReporter;
+use futures::{Stream, StreamExt};
+use tonic_health::{
+    pb::{HealthCheckRequest, HealthCheckResponse, health_server::{Health, HealthServer}},
+    server::{HealthReporter, HealthService},
+};
 
 use crate::{
     config::{Config, StoreMode},
@@ -24,6 +28,10 @@ use crate::{
 /// Health service names reported besides the `Election` service: the overall status (`""`) and
 /// the names the Go service's probes use.
 const HEALTH_NAMES: [&str; 3] = ["", "liveness", "readiness"];
+
+/// How long a health Watch stream stays open once shutdown has begun: long enough to deliver
+/// NOT_SERVING, short enough not to hold the drain up.
+const HEALTH_WATCH_GRACE: Duration = Duration::from_secs(1);
 
 /// Why the agent could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +96,11 @@ pub async fn start(config: &Config) -> Result<RunningAgent, ServerError> {
         config.request_duration_buckets.clone(),
     )?);
     let service = ElectionService::new(store(config)?, config.terms, metrics, shutdown.clone());
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (health, _) = tonic_health::server::health_reporter();
+    let health_service = HealthServer::new(DrainingHealth {
+        inner: HealthService::from_health_reporter(health.clone()),
+        shutdown: shutdown.clone(),
+    });
     let mut servers = JoinSet::new();
 
     let grpc_address = if config.grpc.enable {
@@ -224,6 +236,42 @@ fn flatten(
             message: err.to_string(),
         })
     })
+}
+
+/// The standard health service, except that Watch streams end after shutdown has begun (once
+/// NOT_SERVING had a moment to reach them): an open Watch would otherwise hold the graceful
+/// drain up until its timeout.
+struct DrainingHealth {
+    inner: HealthService,
+    shutdown: CancellationToken,
+}
+
+type HealthWatchStream =
+    std::pin::Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Health for DrainingHealth {
+    async fn check(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = HealthWatchStream;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        let statuses = self.inner.watch(request).await?.into_inner();
+        let shutdown = self.shutdown.clone();
+        let closing = async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(HEALTH_WATCH_GRACE).await;
+        };
+        Ok(tonic::Response::new(Box::pin(statuses.take_until(closing))))
+    }
 }
 
 async fn bind(what: &'static str, address: SocketAddr) -> Result<TcpListener, ServerError> {
