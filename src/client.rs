@@ -12,7 +12,11 @@ use crate::grpc::pb::{self, election_client::ElectionClient};
 #[derive(Debug, clap::Args)]
 pub struct ClientArgs {
     /// The agent's gRPC endpoint.
-    #[arg(long, env = "EA_CLIENT_ADDRESS", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "EA_CLIENT_ADDRESS",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub address: String,
     /// The election kind (empty means "default").
     #[arg(long, global = true, default_value = "")]
@@ -97,7 +101,7 @@ pub enum ClientError {
         source: tonic::transport::Error,
     },
     /// The agent answered with an error.
-    #[error("{}: {}", .0.code(), .0.message())]
+    #[error("{:?}: {}", .0.code(), .0.message())]
     Rpc(#[from] tonic::Status),
 }
 
@@ -202,7 +206,11 @@ pub async fn run(args: ClientArgs) -> Result<(), ClientError> {
             while let Some(event) = events.next().await {
                 let e = event?;
                 let kind = pb::leader_event::Type::try_from(e.r#type)
-                    .map(|t| t.as_str_name().trim_start_matches("TYPE_").to_ascii_lowercase())
+                    .map(|t| {
+                        t.as_str_name()
+                            .trim_start_matches("TYPE_")
+                            .to_ascii_lowercase()
+                    })
                     .unwrap_or_else(|_| e.r#type.to_string());
                 println!(
                     "{}",

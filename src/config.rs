@@ -78,7 +78,7 @@ settings! {
     "EA_METRIC_REQUEST_DURATION_BUCKETS" => "metric.request_duration_buckets" = DEFAULT_BUCKETS,
         "comma-separated, increasing upper bounds (seconds) of the request duration histogram";
     "EA_KUBE_ENABLE" => "kube.enable" = "true",
-        "Kubernetes features (discovery, operator); GetPods answers UNIMPLEMENTED when off";
+        "Kubernetes features (discovery, operator); not part of this version yet: GetPods answers UNIMPLEMENTED";
     "EA_KUBE_IN_CLUSTER" => "kube.in_cluster" = "true",
         "use the in-cluster service account, else KUBECONFIG / ~/.kube/config";
     "EA_REDIS_MODE" => "redis.mode" = "",
@@ -95,6 +95,32 @@ settings! {
         "longest term a request may ask for";
     "EA_SHUTDOWN_TIMEOUT" => "shutdown_timeout" = "8s",
         "how long SIGTERM waits for in-flight requests before exiting";
+}
+
+/// The README's configuration table, generated from [`SETTINGS`].
+pub fn markdown_table() -> String {
+    let mut table =
+        String::from("| variable | file key / flag | default | meaning |\n|---|---|---|---|\n");
+    for s in SETTINGS {
+        let aliases: String = s
+            .aliases
+            .iter()
+            .map(|a| format!(" (alias `{a}`)"))
+            .collect();
+        let default = if s.default.is_empty() {
+            "(empty)".to_owned()
+        } else {
+            format!("`{}`", s.default)
+        };
+        table.push_str(&format!(
+            "| `{}`{aliases} | `{}` / `--{}` | {default} | {} |\n",
+            s.key,
+            s.path,
+            s.flag(),
+            s.help.replace('|', "\\|")
+        ));
+    }
+    table
 }
 
 /// Where a value came from, for error messages.
@@ -486,7 +512,10 @@ impl Values {
         if mode != StoreMode::Memory && urls.is_empty() {
             return Err(self.conflict(
                 "EA_REDIS_URLS",
-                format!("EA_REDIS_MODE={} needs at least one Redis URL", mode.as_str()),
+                format!(
+                    "EA_REDIS_MODE={} needs at least one Redis URL",
+                    mode.as_str()
+                ),
             ));
         }
         let master = self.get("EA_REDIS_MASTER", |v| Ok(v.to_owned()))?;
@@ -503,7 +532,10 @@ impl Values {
         if min > max {
             return Err(self.conflict(
                 "EA_LEASE_MAX_TERM",
-                format!("must not be shorter than EA_LEASE_MIN_TERM ({} ms)", min.as_millis()),
+                format!(
+                    "must not be shorter than EA_LEASE_MIN_TERM ({} ms)",
+                    min.as_millis()
+                ),
             ));
         }
 
@@ -605,8 +637,20 @@ mod tests {
     #[test]
     fn defaults_are_those_of_the_go_service() {
         let config = Config::default();
-        assert_eq!(config.grpc, Listener { enable: true, port: 443 });
-        assert_eq!(config.http, Listener { enable: true, port: 80 });
+        assert_eq!(
+            config.grpc,
+            Listener {
+                enable: true,
+                port: 443
+            }
+        );
+        assert_eq!(
+            config.http,
+            Listener {
+                enable: true,
+                port: 80
+            }
+        );
         assert_eq!(config.store.mode, StoreMode::Memory);
         assert_eq!(config.store.key_prefix, "ela");
         assert_eq!(config.store.operation_timeout, Duration::from_secs(3));
@@ -628,7 +672,11 @@ mod tests {
         assert_eq!(config.http.port, 3000, "environment over file");
         assert_eq!(config.name, "from-flag", "flag over environment");
         assert_eq!(config.store.urls, ["redis://a:6379", "redis://b:6379"]);
-        assert_eq!(config.store.mode, StoreMode::Single, "URLs without a mode mean single");
+        assert_eq!(
+            config.store.mode,
+            StoreMode::Single,
+            "URLs without a mode mean single"
+        );
     }
 
     #[test]
@@ -654,7 +702,11 @@ mod tests {
         let cases = [
             ("EA_HTTP_PORT", "abc", "port number"),
             ("EA_GRPC_PORT", "70000", "port number"),
-            ("EA_REDIS_MODE", "bogus", "memory, single, failover, cluster, sharding"),
+            (
+                "EA_REDIS_MODE",
+                "bogus",
+                "memory, single, failover, cluster, sharding",
+            ),
             ("EA_ENV", "staging", "production, development"),
             ("EA_LOG_LEVEL", "loud", "debug, info"),
             ("EA_GRPC_ENABLE", "maybe", "true, false"),
@@ -672,7 +724,9 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(
-                err.starts_with(&format!("invalid configuration: {key}={value:?} (from the environment): ")),
+                err.starts_with(&format!(
+                    "invalid configuration: {key}={value:?} (from the environment): "
+                )),
                 "{err}"
             );
             assert!(err.contains(allowed), "{err} should say {allowed}");
@@ -683,12 +737,18 @@ mod tests {
     #[test]
     fn combinations_that_cannot_work_are_refused() {
         let refused = |pairs: &[(&str, &str)], key: &str| {
-            let err = Sources::default().environment(env(pairs)).resolve().unwrap_err();
+            let err = Sources::default()
+                .environment(env(pairs))
+                .resolve()
+                .unwrap_err();
             assert!(err.to_string().contains(key), "{err}");
         };
         refused(&[("EA_REDIS_MODE", "single")], "EA_REDIS_URLS");
         refused(
-            &[("EA_REDIS_MODE", "failover"), ("EA_REDIS_URLS", "redis://s:26379")],
+            &[
+                ("EA_REDIS_MODE", "failover"),
+                ("EA_REDIS_URLS", "redis://s:26379"),
+            ],
             "EA_REDIS_MASTER",
         );
         refused(&[("EA_HTTP_ENABLE", "false")], "EA_METRIC_ENABLE");
@@ -701,20 +761,29 @@ mod tests {
             .resolve()
             .unwrap_err()
             .to_string();
-        assert!(err.contains("agent.yaml") && err.contains("\"grpc.prot\""), "{err}");
+        assert!(
+            err.contains("agent.yaml") && err.contains("\"grpc.prot\""),
+            "{err}"
+        );
         let err = Sources::default()
             .file("agent.yaml", "grpc: [\n")
             .resolve()
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("invalid configuration file agent.yaml: "), "{err}");
+        assert!(
+            err.starts_with("invalid configuration file agent.yaml: "),
+            "{err}"
+        );
         assert!(!err.contains('\n'), "{err}");
         let err = Sources::default()
             .file("agent.yaml", "http:\n  port: abc\n")
             .resolve()
             .unwrap_err()
             .to_string();
-        assert!(err.contains("EA_HTTP_PORT=\"abc\" (from agent.yaml)"), "{err}");
+        assert!(
+            err.contains("EA_HTTP_PORT=\"abc\" (from agent.yaml)"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -741,9 +810,25 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_configuration_table_matches_the_settings() {
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+                .unwrap();
+        let table = markdown_table();
+        assert!(
+            readme.contains(&table),
+            "README.md's configuration table is out of date; replace it with:\n{table}"
+        );
+    }
+
+    #[test]
     fn the_local_example_file_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/local.yaml");
-        let config = Sources::default().read_file(&path).unwrap().resolve().unwrap();
+        let config = Sources::default()
+            .read_file(&path)
+            .unwrap()
+            .resolve()
+            .unwrap();
         assert_eq!(config.store.mode, StoreMode::Memory);
         assert!(!config.kube_enabled);
         assert_eq!(config.bind_address.to_string(), "127.0.0.1");

@@ -208,7 +208,9 @@ impl ElectionService {
             };
             match outcome {
                 Outcome::Leading { token } => Ok(token),
-                Outcome::NotHolder { holder: None } => Err(ElectionError::NoLeader { election: key }),
+                Outcome::NotHolder { holder: None } => {
+                    Err(ElectionError::NoLeader { election: key })
+                }
                 Outcome::NotHolder {
                     holder: Some(holder),
                 } => Err(ElectionError::HeldByOther {
@@ -289,7 +291,10 @@ impl ElectionService {
     }
 
     /// The live leaders of every election of a kind, sorted by election name.
-    pub async fn leaders(&self, kind: &str) -> Result<(Name, Vec<(Name, LeaderInfo)>), ElectionError> {
+    pub async fn leaders(
+        &self,
+        kind: &str,
+    ) -> Result<(Name, Vec<(Name, LeaderInfo)>), ElectionError> {
         self.instrumented(Action::ListLeaders, async {
             let kind = Name::parse_kind("kind", kind)?;
             let leaders = self.inner.store.leaders(&kind).await?;
@@ -367,7 +372,9 @@ fn bounded(field: &'static str, value: i64, max: i64) -> Result<u64, InvalidArgu
 /// The lease engine answers each command with one of a known set of outcomes; anything else is a
 /// bug in a store.
 fn unreachable_outcome(outcome: &Outcome) -> ! {
-    unreachable!("a lease store returned {outcome:?}, which the lease engine never decides for this command")
+    unreachable!(
+        "a lease store returned {outcome:?}, which the lease engine never decides for this command"
+    )
 }
 
 /// A live leader as an observer tracks it: who, which token, and when it expires on our clock.
@@ -491,25 +498,58 @@ mod tests {
         let s = service();
         let long = "x".repeat(254);
         for bad in ["", "a*", "a?", "a[1]", "a b", long.as_str()] {
-            assert_eq!(field(s.campaign("", bad, "c", 1000).await.unwrap_err()), "election");
-            assert_eq!(field(s.campaign("", "e", bad, 1000).await.unwrap_err()), "candidate");
-            assert_eq!(field(s.extend("", "e", bad, 1000, 0, 0).await.unwrap_err()), "leader");
+            assert_eq!(
+                field(s.campaign("", bad, "c", 1000).await.unwrap_err()),
+                "election"
+            );
+            assert_eq!(
+                field(s.campaign("", "e", bad, 1000).await.unwrap_err()),
+                "candidate"
+            );
+            assert_eq!(
+                field(s.extend("", "e", bad, 1000, 0, 0).await.unwrap_err()),
+                "leader"
+            );
             assert_eq!(field(s.resign("", "e", bad).await.unwrap_err()), "leader");
-            assert_eq!(field(s.handover("", "e", bad, 1000).await.unwrap_err()), "leader");
+            assert_eq!(
+                field(s.handover("", "e", bad, 1000).await.unwrap_err()),
+                "leader"
+            );
             assert_eq!(field(s.leader("", bad).await.unwrap_err()), "election");
             if !bad.is_empty() {
                 assert_eq!(field(s.leaders(bad).await.unwrap_err()), "kind");
-                assert_eq!(field(s.campaign(bad, "e", "c", 1000).await.unwrap_err()), "kind");
+                assert_eq!(
+                    field(s.campaign(bad, "e", "c", 1000).await.unwrap_err()),
+                    "kind"
+                );
             }
         }
         for term in [0, 999, 86_400_001, -5] {
-            assert_eq!(field(s.campaign("", "e", "c", term).await.unwrap_err()), "term");
-            assert_eq!(field(s.extend("", "e", "c", term, 0, 0).await.unwrap_err()), "term");
-            assert_eq!(field(s.handover("", "e", "c", term).await.unwrap_err()), "term");
+            assert_eq!(
+                field(s.campaign("", "e", "c", term).await.unwrap_err()),
+                "term"
+            );
+            assert_eq!(
+                field(s.extend("", "e", "c", term, 0, 0).await.unwrap_err()),
+                "term"
+            );
+            assert_eq!(
+                field(s.handover("", "e", "c", term).await.unwrap_err()),
+                "term"
+            );
         }
-        assert_eq!(field(s.extend("", "e", "c", 1000, 11, 0).await.unwrap_err()), "retries");
-        assert_eq!(field(s.extend("", "e", "c", 1000, -1, 0).await.unwrap_err()), "retries");
-        assert_eq!(field(s.extend("", "e", "c", 1000, 0, 1001).await.unwrap_err()), "retry_interval");
+        assert_eq!(
+            field(s.extend("", "e", "c", 1000, 11, 0).await.unwrap_err()),
+            "retries"
+        );
+        assert_eq!(
+            field(s.extend("", "e", "c", 1000, -1, 0).await.unwrap_err()),
+            "retries"
+        );
+        assert_eq!(
+            field(s.extend("", "e", "c", 1000, 0, 1001).await.unwrap_err()),
+            "retry_interval"
+        );
         assert!(s.observe("", "a*").await.is_err());
     }
 
@@ -526,16 +566,31 @@ mod tests {
     #[tokio::test]
     async fn errors_distinguish_no_leader_from_another_leader() {
         let s = service();
-        assert!(matches!(s.extend("k", "e", "a", 1000, 0, 0).await, Err(ElectionError::NoLeader { .. })));
-        assert!(matches!(s.leader("k", "e").await, Err(ElectionError::NoLeader { .. })));
+        assert!(matches!(
+            s.extend("k", "e", "a", 1000, 0, 0).await,
+            Err(ElectionError::NoLeader { .. })
+        ));
+        assert!(matches!(
+            s.leader("k", "e").await,
+            Err(ElectionError::NoLeader { .. })
+        ));
         s.campaign("k", "e", "a", 5000).await.unwrap();
-        assert!(matches!(s.extend("k", "e", "b", 1000, 0, 0).await, Err(ElectionError::HeldByOther { .. })));
-        assert!(matches!(s.resign("k", "e", "b").await, Err(ElectionError::NotLeader { .. })));
+        assert!(matches!(
+            s.extend("k", "e", "b", 1000, 0, 0).await,
+            Err(ElectionError::HeldByOther { .. })
+        ));
+        assert!(matches!(
+            s.resign("k", "e", "b").await,
+            Err(ElectionError::NotLeader { .. })
+        ));
         let lost = s.campaign("k", "e", "b", 5000).await.unwrap();
         assert!(!lost.elected);
         assert_eq!(lost.leader.as_str(), "a");
         assert_eq!(lost.kind.as_str(), "k");
-        assert!(matches!(s.pods().await, Err(ElectionError::Unimplemented(_))));
+        assert!(matches!(
+            s.pods().await,
+            Err(ElectionError::Unimplemented(_))
+        ));
     }
 
     #[tokio::test]
@@ -549,19 +604,35 @@ mod tests {
                 .expect("event in time")
                 .expect("stream open")
                 .expect("no error");
-            (event.kind, event.leader.map(|l| l.to_string()), event.token.0)
+            (
+                event.kind,
+                event.leader.map(|l| l.to_string()),
+                event.token.0,
+            )
         };
         assert_eq!(next().await, (EventKind::Current, Some("a".into()), 1));
         s.extend("", "watched", "a", 5_000, 0, 0).await.unwrap();
         s.handover("", "watched", "b", 5_000).await.unwrap();
-        assert_eq!(next().await, (EventKind::HandedOver, Some("b".into()), 2), "renewals are not reported");
+        assert_eq!(
+            next().await,
+            (EventKind::HandedOver, Some("b".into()), 2),
+            "renewals are not reported"
+        );
         s.resign("", "watched", "b").await.unwrap();
         assert_eq!(next().await, (EventKind::Resigned, Some("b".into()), 2));
         s.campaign("", "watched", "c", 1_000).await.unwrap();
         assert_eq!(next().await, (EventKind::Elected, Some("c".into()), 3));
         let started = std::time::Instant::now();
-        assert_eq!(next().await, (EventKind::Expired, Some("c".into()), 3), "expiry with no request");
-        assert!(started.elapsed() < Duration::from_millis(1_100), "{:?}", started.elapsed());
+        assert_eq!(
+            next().await,
+            (EventKind::Expired, Some("c".into()), 3),
+            "expiry with no request"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(1_100),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
@@ -574,9 +645,17 @@ mod tests {
             shutdown.clone(),
         );
         let mut events = Box::pin(s.observe("", "e").await.unwrap());
-        assert_eq!(events.next().await.unwrap().unwrap().kind, EventKind::Current);
+        assert_eq!(
+            events.next().await.unwrap().unwrap().kind,
+            EventKind::Current
+        );
         shutdown.cancel();
-        assert!(tokio::time::timeout(Duration::from_secs(1), events.next()).await.unwrap().is_none());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), events.next())
+                .await
+                .unwrap()
+                .is_none()
+        );
         assert!(s.ready().await.is_err(), "not ready while shutting down");
     }
 }

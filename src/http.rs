@@ -10,7 +10,10 @@ use std::{convert::Infallible, sync::Arc};
 
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, FromRequest, FromRequestParts, State, rejection::{JsonRejection, PathRejection}},
+    extract::{
+        DefaultBodyLimit, FromRequest, FromRequestParts, State,
+        rejection::{JsonRejection, PathRejection},
+    },
     http::{StatusCode, header},
     response::{IntoResponse, Response, sse},
 };
@@ -541,7 +544,10 @@ async fn metrics(State(state): State<HttpState>) -> Result<Response, ApiError> {
         });
     }
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.service.metrics().encode(),
     )
         .into_response())
@@ -567,6 +573,9 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
     ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
-        message: format!("{method} is not allowed on {}; see /openapi.json", uri.path()),
+        message: format!(
+            "{method} is not allowed on {}; see /openapi.json",
+            uri.path()
+        ),
     }
 }

@@ -67,7 +67,14 @@ impl Name {
 
     /// Validates a kind: empty means [`DEFAULT_KIND`].
     pub fn parse_kind(field: &'static str, value: &str) -> Result<Self, InvalidArgument> {
-        Self::parse(field, if value.is_empty() { DEFAULT_KIND } else { value })
+        Self::parse(
+            field,
+            if value.is_empty() {
+                DEFAULT_KIND
+            } else {
+                value
+            },
+        )
     }
 
     /// The name as text.
@@ -613,10 +620,13 @@ mod tests {
                 state = next;
             }
             if let Some(info) = state.leader(now) {
-                if let Some((holder, token)) = &last_holder {
-                    if *holder != info.leader {
-                        assert!(info.token > *token, "new holder kept an old token at {step}");
-                    }
+                if let Some((holder, token)) = &last_holder
+                    && *holder != info.leader
+                {
+                    assert!(
+                        info.token > *token,
+                        "new holder kept an old token at {step}"
+                    );
                 }
                 last_holder = Some((info.leader, info.token));
             }

@@ -11,7 +11,12 @@ use election_agent::{
 };
 
 #[derive(Parser)]
-#[command(name = "election-agent", version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "election-agent",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -64,7 +69,10 @@ impl Args for SettingFlags {
                 Arg::new(s.key)
                     .long(s.flag())
                     .value_name("VALUE")
-                    .help(format!("{} [env: {}] [default: {:?}]", s.help, s.key, s.default)),
+                    .help(format!(
+                        "{} [env: {}] [default: {:?}]",
+                        s.help, s.key, s.default
+                    )),
             )
         })
     }
@@ -120,7 +128,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     init_logging(&config);
     for key in sources.unknown_environment_keys() {
-        tracing::warn!(key, "ignoring an EA_* variable that this agent does not use");
+        tracing::warn!(
+            key,
+            "ignoring an EA_* variable that this agent does not use"
+        );
     }
     if config.kube_enabled {
         tracing::warn!(
@@ -161,7 +172,9 @@ fn init_logging(config: &Config) {
     // RUST_LOG, when set, refines EA_LOG_LEVEL per module.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(config.log_level.as_str()));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match config.environment {
         Environment::Production => builder.json().with_current_span(false).init(),
         Environment::Development => builder.compact().init(),

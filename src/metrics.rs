@@ -217,6 +217,9 @@ mod tests {
         let a = Metrics::new("a", vec![1.0]).unwrap();
         let b = Metrics::new("b", vec![1.0]).unwrap();
         a.count_unavailable();
-        assert!(b.encode().contains(r#"election_agent_unavailable_total{agent="b"} 0"#));
+        assert!(
+            b.encode()
+                .contains(r#"election_agent_unavailable_total{agent="b"} 0"#)
+        );
     }
 }

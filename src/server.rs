@@ -7,12 +7,15 @@
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
+use futures::{Stream, StreamExt};
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use futures::{Stream, StreamExt};
 use tonic_health::{
-    pb::{HealthCheckRequest, HealthCheckResponse, health_server::{Health, HealthServer}},
+    pb::{
+        HealthCheckRequest, HealthCheckResponse,
+        health_server::{Health, HealthServer},
+    },
     server::{HealthReporter, HealthService},
 };
 
@@ -104,7 +107,11 @@ pub async fn start(config: &Config) -> Result<RunningAgent, ServerError> {
     let mut servers = JoinSet::new();
 
     let grpc_address = if config.grpc.enable {
-        let listener = bind("gRPC", SocketAddr::new(config.bind_address, config.grpc.port)).await?;
+        let listener = bind(
+            "gRPC",
+            SocketAddr::new(config.bind_address, config.grpc.port),
+        )
+        .await?;
         let address = local_address("gRPC", &listener)?;
         for name in HEALTH_NAMES.into_iter().chain([grpc::SERVICE_NAME]) {
             health
@@ -125,7 +132,10 @@ pub async fn start(config: &Config) -> Result<RunningAgent, ServerError> {
         let stop = shutdown.clone();
         servers.spawn(async move {
             router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(listener),
+                    stop.cancelled_owned(),
+                )
                 .await
                 .map_err(|err| ServerError::Serve {
                     what: "gRPC",
@@ -139,7 +149,11 @@ pub async fn start(config: &Config) -> Result<RunningAgent, ServerError> {
     };
 
     let http_address = if config.http.enable {
-        let listener = bind("HTTP", SocketAddr::new(config.bind_address, config.http.port)).await?;
+        let listener = bind(
+            "HTTP",
+            SocketAddr::new(config.bind_address, config.http.port),
+        )
+        .await?;
         let address = local_address("HTTP", &listener)?;
         let router = http::router(service.clone(), config.metrics_enabled);
         let stop = shutdown.clone();

@@ -29,18 +29,42 @@ fn refused(command: &mut Command) -> (i32, String) {
 
 #[test]
 fn an_invalid_config_value_stops_start_up_with_one_line_naming_key_value_and_allowed_values() {
-    let cases: [(&[(&str, &str)], &[&str], &str); 5] = [
-        (&[("EA_HTTP_PORT", "abc")], &[], r#"EA_HTTP_PORT="abc" (from the environment): expected a port number"#),
-        (&[("EA_REDIS_MODE", "bogus")], &[], r#"EA_REDIS_MODE="bogus" (from the environment): allowed: memory, single, failover, cluster, sharding"#),
-        (&[], &["--grpc-port", "99999"], r#"EA_GRPC_PORT="99999" (from the command line): expected a port number"#),
-        (&[], &["--config", "config/does-not-exist.yaml"], "invalid configuration file config/does-not-exist.yaml: "),
-        (&[("EA_LOG_LEVEL", "chatty")], &[], r#"EA_LOG_LEVEL="chatty" (from the environment): allowed: trace, debug, info"#),
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+    let cases: [Case; 5] = [
+        (
+            &[("EA_HTTP_PORT", "abc")],
+            &[],
+            r#"EA_HTTP_PORT="abc" (from the environment): expected a port number"#,
+        ),
+        (
+            &[("EA_REDIS_MODE", "bogus")],
+            &[],
+            r#"EA_REDIS_MODE="bogus" (from the environment): allowed: memory, single, failover, cluster, sharding"#,
+        ),
+        (
+            &[],
+            &["--grpc-port", "99999"],
+            r#"EA_GRPC_PORT="99999" (from the command line): expected a port number"#,
+        ),
+        (
+            &[],
+            &["--config", "config/does-not-exist.yaml"],
+            "invalid configuration file config/does-not-exist.yaml: ",
+        ),
+        (
+            &[("EA_LOG_LEVEL", "chatty")],
+            &[],
+            r#"EA_LOG_LEVEL="chatty" (from the environment): allowed: trace, debug, info"#,
+        ),
     ];
     for (env, args, expected) in cases {
         let (code, stderr) = refused(agent().envs(env.iter().copied()).args(args));
         assert_eq!(code, 2, "{stderr}");
         assert_eq!(stderr.lines().count(), 1, "exactly one line: {stderr}");
-        assert!(stderr.contains(expected), "{stderr:?} should contain {expected:?}");
+        assert!(
+            stderr.contains(expected),
+            "{stderr:?} should contain {expected:?}"
+        );
     }
 }
 
@@ -48,7 +72,10 @@ fn an_invalid_config_value_stops_start_up_with_one_line_naming_key_value_and_all
 fn a_redis_mode_this_build_cannot_serve_is_refused_at_start_up() {
     let (code, stderr) = refused(agent().env("EA_REDIS_URLS", "redis://127.0.0.1:1"));
     assert_ne!(code, 0);
-    assert!(stderr.contains("EA_REDIS_MODE=single is not available"), "{stderr}");
+    assert!(
+        stderr.contains("EA_REDIS_MODE=single is not available"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
@@ -67,26 +94,40 @@ async fn sigterm_ends_streams_drains_and_exits_zero_within_ten_seconds() {
             break entry["fields"]["address"].as_str().unwrap().to_owned();
         }
     };
-    let mut client = ElectionClient::connect(format!("http://{address}")).await.unwrap();
+    let mut client = ElectionClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
     let mut events = client
-        .observe(pb::ObserveRequest { election: "e".into(), kind: String::new() })
+        .observe(pb::ObserveRequest {
+            election: "e".into(),
+            kind: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(events.next().await.unwrap().is_ok(), "stream open");
 
     let started = Instant::now();
-    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(killed.success());
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "still running 10 s after SIGTERM");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still running 10 s after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "{status}");
-    assert!(!matches!(events.next().await, Some(Ok(_))), "the Observe stream ended");
+    assert!(
+        !matches!(events.next().await, Some(Ok(_))),
+        "the Observe stream ended"
+    );
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(rest.iter().any(|l| l.contains("SIGTERM")), "{rest:?}");
 }

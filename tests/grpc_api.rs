@@ -31,22 +31,39 @@ async fn leadership_can_be_won_kept_contested_handed_over_and_given_up() {
     let agent = common::start_agent().await;
     let mut c = client(&agent).await;
 
-    let won = c.campaign(campaign("jobs", "alice", 5_000)).await.unwrap().into_inner();
+    let won = c
+        .campaign(campaign("jobs", "alice", 5_000))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(won.elected);
-    assert_eq!((won.leader.as_str(), won.kind.as_str()), ("alice", "default"));
+    assert_eq!(
+        (won.leader.as_str(), won.kind.as_str()),
+        ("alice", "default")
+    );
     assert!(won.fencing_token > 0);
 
-    let lost = c.campaign(campaign("jobs", "bob", 5_000)).await.unwrap().into_inner();
+    let lost = c
+        .campaign(campaign("jobs", "bob", 5_000))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!lost.elected, "a competing campaign is not an error");
     assert_eq!(lost.leader, "alice");
     assert_eq!(lost.fencing_token, won.fencing_token);
 
     let leader = c
-        .get_leader(pb::GetLeaderRequest { election: "jobs".into(), kind: String::new() })
+        .get_leader(pb::GetLeaderRequest {
+            election: "jobs".into(),
+            kind: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((leader.value.as_str(), leader.fencing_token), ("alice", won.fencing_token));
+    assert_eq!(
+        (leader.value.as_str(), leader.fencing_token),
+        ("alice", won.fencing_token)
+    );
 
     let extended = c
         .extend_elected_term(pb::ExtendElectedTermRequest {
@@ -76,23 +93,36 @@ async fn leadership_can_be_won_kept_contested_handed_over_and_given_up() {
     assert!(handed.value && handed.fencing_token > won.fencing_token);
 
     let leaders = c
-        .list_leaders(pb::ListLeadersRequest { kind: "default".into() })
+        .list_leaders(pb::ListLeadersRequest {
+            kind: "default".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(
         leaders.leaders,
-        [pb::Leader { election: "jobs".into(), name: "bob".into(), fencing_token: handed.fencing_token }]
+        [pb::Leader {
+            election: "jobs".into(),
+            name: "bob".into(),
+            fencing_token: handed.fencing_token
+        }]
     );
 
     let resigned = c
-        .resign(pb::ResignRequest { election: "jobs".into(), leader: "bob".into(), kind: String::new() })
+        .resign(pb::ResignRequest {
+            election: "jobs".into(),
+            leader: "bob".into(),
+            kind: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(resigned.value);
     let none = c
-        .get_leader(pb::GetLeaderRequest { election: "jobs".into(), kind: String::new() })
+        .get_leader(pb::GetLeaderRequest {
+            election: "jobs".into(),
+            kind: String::new(),
+        })
         .await
         .unwrap_err();
     assert_eq!(none.code(), Code::NotFound);
@@ -116,18 +146,29 @@ async fn failures_carry_the_status_codes_of_the_contract() {
 
     let no_holder = c.extend_elected_term(extend("a")).await.unwrap_err();
     assert_eq!(no_holder.code(), Code::NotFound, "{no_holder:?}");
-    c.campaign(pb::CampaignRequest { kind: "k".into(), ..campaign("e", "a", 5_000) })
-        .await
-        .unwrap();
+    c.campaign(pb::CampaignRequest {
+        kind: "k".into(),
+        ..campaign("e", "a", 5_000)
+    })
+    .await
+    .unwrap();
     let other = c.extend_elected_term(extend("b")).await.unwrap_err();
     assert_eq!(other.code(), Code::AlreadyExists, "{other:?}");
     let resign = c
-        .resign(pb::ResignRequest { election: "e".into(), leader: "b".into(), kind: "k".into() })
+        .resign(pb::ResignRequest {
+            election: "e".into(),
+            leader: "b".into(),
+            kind: "k".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(resign.code(), Code::NotFound, "{resign:?}");
     let pods = c
-        .get_pods(pb::GetPodsRequest { namespace: "ns".into(), deployment: "d".into(), pod_name: String::new() })
+        .get_pods(pb::GetPodsRequest {
+            namespace: "ns".into(),
+            deployment: "d".into(),
+            pod_name: String::new(),
+        })
         .await
         .unwrap_err();
     assert_eq!(pods.code(), Code::Unimplemented);
@@ -143,15 +184,32 @@ async fn failures_carry_the_status_codes_of_the_contract() {
         (campaign(&long, "a", 5_000), "election"),
         (campaign("e", "a", 999), "term"),
         (campaign("e", "a", 86_400_001), "term"),
-        (pb::CampaignRequest { kind: "k*".into(), ..campaign("e", "a", 5_000) }, "kind"),
+        (
+            pb::CampaignRequest {
+                kind: "k*".into(),
+                ..campaign("e", "a", 5_000)
+            },
+            "kind",
+        ),
     ] {
         let err = c.campaign(request).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-        assert!(err.message().starts_with(&format!("invalid {field}: ")), "{err:?}");
+        assert!(
+            err.message().starts_with(&format!("invalid {field}: ")),
+            "{err:?}"
+        );
     }
-    for (retries, retry_interval, field) in [(11, 0, "retries"), (0, 1_001, "retry_interval"), (-1, 0, "retries")] {
+    for (retries, retry_interval, field) in [
+        (11, 0, "retries"),
+        (0, 1_001, "retry_interval"),
+        (-1, 0, "retries"),
+    ] {
         let err = c
-            .extend_elected_term(pb::ExtendElectedTermRequest { retries, retry_interval, ..extend("a") })
+            .extend_elected_term(pb::ExtendElectedTermRequest {
+                retries,
+                retry_interval,
+                ..extend("a")
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
@@ -166,7 +224,10 @@ async fn observe_streams_the_current_leader_then_each_change_within_100_ms() {
     let agent = common::start_agent().await;
     let mut c = client(&agent).await;
     let mut events = c
-        .observe(pb::ObserveRequest { election: "watched".into(), kind: String::new() })
+        .observe(pb::ObserveRequest {
+            election: "watched".into(),
+            kind: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -178,27 +239,46 @@ async fn observe_streams_the_current_leader_then_each_change_within_100_ms() {
             .expect("no error");
         (Type::try_from(event.r#type).unwrap(), event.leader)
     };
-    assert_eq!(next().await, (Type::Current, String::new()), "nobody leads yet");
-    c.campaign(campaign("watched", "alice", 1_000)).await.unwrap();
+    assert_eq!(
+        next().await,
+        (Type::Current, String::new()),
+        "nobody leads yet"
+    );
+    c.campaign(campaign("watched", "alice", 1_000))
+        .await
+        .unwrap();
     assert_eq!(next().await, (Type::Elected, "alice".into()));
-    c.handover(pb::HandoverRequest { election: "watched".into(), leader: "bob".into(), term: 1_000, kind: String::new() })
-        .await
-        .unwrap();
+    c.handover(pb::HandoverRequest {
+        election: "watched".into(),
+        leader: "bob".into(),
+        term: 1_000,
+        kind: String::new(),
+    })
+    .await
+    .unwrap();
     assert_eq!(next().await, (Type::HandedOver, "bob".into()));
-    c.resign(pb::ResignRequest { election: "watched".into(), leader: "bob".into(), kind: String::new() })
-        .await
-        .unwrap();
+    c.resign(pb::ResignRequest {
+        election: "watched".into(),
+        leader: "bob".into(),
+        kind: String::new(),
+    })
+    .await
+    .unwrap();
     assert_eq!(next().await, (Type::Resigned, "bob".into()));
 
     // Expiry is reported without any request causing it.
-    c.campaign(campaign("watched", "carol", 1_000)).await.unwrap();
+    c.campaign(campaign("watched", "carol", 1_000))
+        .await
+        .unwrap();
     assert_eq!(next().await, (Type::Elected, "carol".into()));
     tokio::time::sleep(Duration::from_millis(950)).await;
     assert_eq!(next().await, (Type::Expired, "carol".into()));
 
     // Shutting down ends the stream, so it cannot hold the drain up.
     agent.shutdown().await;
-    let end = tokio::time::timeout(Duration::from_secs(2), events.next()).await.expect("stream ends");
+    let end = tokio::time::timeout(Duration::from_secs(2), events.next())
+        .await
+        .expect("stream ends");
     assert!(!matches!(end, Some(Ok(_))), "{end:?}");
     agent.wait().await.unwrap();
 }
@@ -206,11 +286,22 @@ async fn observe_streams_the_current_leader_then_each_change_within_100_ms() {
 #[tokio::test]
 async fn health_reports_serving_then_not_serving_on_shutdown() {
     let agent = common::start_agent().await;
-    let channel = Channel::from_shared(common::grpc_endpoint(&agent)).unwrap().connect().await.unwrap();
+    let channel = Channel::from_shared(common::grpc_endpoint(&agent))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut health = HealthClient::new(channel);
-    for service in ["", "liveness", "readiness", "grpc.election_agent.v1.Election"] {
+    for service in [
+        "",
+        "liveness",
+        "readiness",
+        "grpc.election_agent.v1.Election",
+    ] {
         let status = health
-            .check(HealthCheckRequest { service: service.into() })
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .unwrap()
             .into_inner()
@@ -218,11 +309,16 @@ async fn health_reports_serving_then_not_serving_on_shutdown() {
         assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
     }
     let mut watch = health
-        .watch(HealthCheckRequest { service: "readiness".into() })
+        .watch(HealthCheckRequest {
+            service: "readiness".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(watch.next().await.unwrap().unwrap().status, ServingStatus::Serving as i32);
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
     agent.shutdown().await;
     let status = tokio::time::timeout(Duration::from_secs(2), watch.next())
         .await
@@ -241,7 +337,11 @@ async fn reflection_lists_the_election_and_health_services() {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
     let agent = common::start_agent().await;
-    let channel = Channel::from_shared(common::grpc_endpoint(&agent)).unwrap().connect().await.unwrap();
+    let channel = Channel::from_shared(common::grpc_endpoint(&agent))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut reflection = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {
         host: String::new(),
@@ -258,7 +358,10 @@ async fn reflection_lists_the_election_and_health_services() {
         panic!("expected a list of services");
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"grpc.election_agent.v1.Election".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"grpc.election_agent.v1.Election".to_string()),
+        "{names:?}"
+    );
     agent.shutdown().await;
     agent.wait().await.unwrap();
 }

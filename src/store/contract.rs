@@ -51,7 +51,11 @@ fn handover(leader: &str, term: Term) -> Command {
     }
 }
 
-async fn leading<S: LeaseStore>(store: &S, election: &ElectionKey, command: Command) -> FencingToken {
+async fn leading<S: LeaseStore>(
+    store: &S,
+    election: &ElectionKey,
+    command: Command,
+) -> FencingToken {
     match store.execute(election, command.clone()).await {
         Ok(Outcome::Leading { token }) | Ok(Outcome::HandedOver { token }) => token,
         other => panic!("{command:?} on {election}: expected to lead, got {other:?}"),
@@ -97,7 +101,10 @@ async fn campaign_extend_resign_handover<S: LeaseStore>(store: &S, election: &El
     );
 
     let first = leading(store, election, campaign("a", LONG)).await;
-    assert_eq!(leader_of(store, election).await, Some(("a".into(), first.0)));
+    assert_eq!(
+        leader_of(store, election).await,
+        Some(("a".into(), first.0))
+    );
     assert_eq!(
         store.execute(election, campaign("b", LONG)).await.unwrap(),
         Outcome::Following {
@@ -106,8 +113,16 @@ async fn campaign_extend_resign_handover<S: LeaseStore>(store: &S, election: &El
         },
         "campaign by another candidate returns the current leader"
     );
-    assert_eq!(leading(store, election, campaign("a", LONG)).await, first, "campaign by holder renews");
-    assert_eq!(leading(store, election, extend("a", LONG)).await, first, "extend by holder renews");
+    assert_eq!(
+        leading(store, election, campaign("a", LONG)).await,
+        first,
+        "campaign by holder renews"
+    );
+    assert_eq!(
+        leading(store, election, extend("a", LONG)).await,
+        first,
+        "extend by holder renews"
+    );
     assert_eq!(
         store.execute(election, extend("b", LONG)).await.unwrap(),
         Outcome::NotHolder {
@@ -122,31 +137,65 @@ async fn campaign_extend_resign_handover<S: LeaseStore>(store: &S, election: &El
         },
         "resign by another candidate"
     );
-    assert_eq!(leader_of(store, election).await, Some(("a".into(), first.0)), "unchanged");
+    assert_eq!(
+        leader_of(store, election).await,
+        Some(("a".into(), first.0)),
+        "unchanged"
+    );
 
     let handed = leading(store, election, handover("c", LONG)).await;
     assert!(handed > first, "handover gives a new token");
-    assert_eq!(leader_of(store, election).await, Some(("c".into(), handed.0)));
+    assert_eq!(
+        leader_of(store, election).await,
+        Some(("c".into(), handed.0))
+    );
 
-    assert_eq!(store.execute(election, resign("c")).await.unwrap(), Outcome::Resigned);
-    assert_eq!(leader_of(store, election).await, None, "resign deletes the lease at once");
+    assert_eq!(
+        store.execute(election, resign("c")).await.unwrap(),
+        Outcome::Resigned
+    );
+    assert_eq!(
+        leader_of(store, election).await,
+        None,
+        "resign deletes the lease at once"
+    );
     let after_resign = leading(store, election, campaign("a", LONG)).await;
-    assert!(after_resign > handed, "token increases after resign, even for a former holder");
-    assert_eq!(store.execute(election, resign("a")).await.unwrap(), Outcome::Resigned);
+    assert!(
+        after_resign > handed,
+        "token increases after resign, even for a former holder"
+    );
+    assert_eq!(
+        store.execute(election, resign("a")).await.unwrap(),
+        Outcome::Resigned
+    );
 }
 
 async fn expiry<S: LeaseStore>(store: &S, election: &ElectionKey) {
     let first = leading(store, election, campaign("a", SHORT)).await;
     let info = store.leader(election).await.unwrap().expect("live lease");
-    assert!(info.ttl_ms >= 1 && info.ttl_ms <= SHORT.as_millis(), "ttl {}", info.ttl_ms);
+    assert!(
+        info.ttl_ms >= 1 && info.ttl_ms <= SHORT.as_millis(),
+        "ttl {}",
+        info.ttl_ms
+    );
 
     tokio::time::sleep(PAST_SHORT).await;
-    assert_eq!(leader_of(store, election).await, None, "expired lease is not reported");
+    assert_eq!(
+        leader_of(store, election).await,
+        None,
+        "expired lease is not reported"
+    );
     let back = leading(store, election, extend("a", SHORT)).await;
-    assert!(back > first, "holder taking back its expired lease gets a new token");
+    assert!(
+        back > first,
+        "holder taking back its expired lease gets a new token"
+    );
 
     tokio::time::sleep(PAST_SHORT).await;
-    assert_eq!(store.execute(election, resign("a")).await.unwrap(), Outcome::Resigned);
+    assert_eq!(
+        store.execute(election, resign("a")).await.unwrap(),
+        Outcome::Resigned
+    );
     assert_eq!(
         store.execute(election, extend("a", SHORT)).await.unwrap(),
         Outcome::NotHolder { holder: None },
@@ -158,7 +207,10 @@ async fn expiry<S: LeaseStore>(store: &S, election: &ElectionKey) {
         "a non-holder cannot extend an expired lease"
     );
     let other = leading(store, election, campaign("b", LONG)).await;
-    assert!(other > back, "first campaigner after expiry wins with a higher token");
+    assert!(
+        other > back,
+        "first campaigner after expiry wins with a higher token"
+    );
     assert_eq!(
         store.execute(election, extend("a", LONG)).await.unwrap(),
         Outcome::NotHolder {
@@ -175,7 +227,10 @@ async fn listing_and_kinds<S: LeaseStore>(store: &S, run: &str) {
     leading(store, &key(&kind, "a"), campaign("a1", LONG)).await;
     leading(store, &key(&kind, "short"), campaign("s1", SHORT)).await;
     leading(store, &key(&kind, "gone"), campaign("g1", LONG)).await;
-    store.execute(&key(&kind, "gone"), resign("g1")).await.unwrap();
+    store
+        .execute(&key(&kind, "gone"), resign("g1"))
+        .await
+        .unwrap();
     leading(store, &key(&other_kind, "a"), campaign("other", LONG)).await;
     tokio::time::sleep(PAST_SHORT).await;
 

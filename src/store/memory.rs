@@ -3,11 +3,7 @@
 //! Time comes from the monotonic clock, so wall-clock jumps never lengthen or shorten a term.
 //! Records are kept after their lease ends, because the fencing token must keep increasing.
 
-use std::{
-    collections::HashMap,
-    sync::Mutex,
-    time::Instant,
-};
+use std::{collections::HashMap, sync::Mutex, time::Instant};
 
 use tokio::sync::broadcast;
 
@@ -57,7 +53,11 @@ impl MemoryStore {
 }
 
 impl LeaseStore for MemoryStore {
-    async fn execute(&self, election: &ElectionKey, command: Command) -> Result<Outcome, StoreError> {
+    async fn execute(
+        &self,
+        election: &ElectionKey,
+        command: Command,
+    ) -> Result<Outcome, StoreError> {
         let now = self.now();
         let mut records = self.records();
         let record = records

@@ -76,7 +76,11 @@ pub enum Store {
 }
 
 impl LeaseStore for Store {
-    async fn execute(&self, election: &ElectionKey, command: Command) -> Result<Outcome, StoreError> {
+    async fn execute(
+        &self,
+        election: &ElectionKey,
+        command: Command,
+    ) -> Result<Outcome, StoreError> {
         match self {
             Store::Memory(store) => store.execute(election, command).await,
         }
