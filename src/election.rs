@@ -21,9 +21,9 @@ use crate::{
 };
 
 /// Most retries an ExtendElectedTerm request may ask for.
-pub const MAX_RETRIES: i64 = 10;
+pub const MAX_RETRIES: u64 = 10;
 /// Longest pause between retries an ExtendElectedTerm request may ask for, in milliseconds.
-pub const MAX_RETRY_INTERVAL_MS: i64 = 1_000;
+pub const MAX_RETRY_INTERVAL_MS: u64 = 1_000;
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -359,10 +359,10 @@ fn election_key(kind: &str, election: &str) -> Result<ElectionKey, InvalidArgume
     })
 }
 
-fn bounded(field: &'static str, value: i64, max: i64) -> Result<u64, InvalidArgument> {
+fn bounded(field: &'static str, value: i64, max: u64) -> Result<u64, InvalidArgument> {
     u64::try_from(value)
         .ok()
-        .filter(|v| *v as i64 <= max)
+        .filter(|v| *v <= max)
         .ok_or_else(|| InvalidArgument {
             field,
             reason: format!("{value} is out of range; allowed 0..={max}"),

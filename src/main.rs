@@ -119,6 +119,7 @@ fn configuration(args: &ServeArgs) -> Result<(Config, Sources), ConfigError> {
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
+    let signal = shutdown_signal();
     let (config, sources) = match configuration(&args) {
         Ok(loaded) => loaded,
         Err(err) => {
@@ -152,7 +153,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let stop = async {
-        let signal = shutdown_signal().await;
+        let signal = signal.await;
         tracing::info!(signal, "shutting down: draining requests in flight");
     };
     match agent.run_until(stop).await {
@@ -181,26 +182,34 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// Resolves with the signal's name on SIGTERM or SIGINT.
-async fn shutdown_signal() -> &'static str {
+/// Resolves with the signal's name on SIGTERM or SIGINT. The handlers are registered when this is
+/// called, not when the future is first polled, so a signal during start-up is not lost (and does
+/// not kill the process with the default action).
+fn shutdown_signal() -> impl Future<Output = &'static str> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => tokio::select! {
-                _ = terminate.recv() => "SIGTERM",
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-            },
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                "SIGINT"
+        let terminate = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            match (terminate, interrupt) {
+                (Ok(mut terminate), Ok(mut interrupt)) => tokio::select! {
+                    _ = terminate.recv() => "SIGTERM",
+                    _ = interrupt.recv() => "SIGINT",
+                },
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    "SIGINT"
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
-        "SIGINT"
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
     }
 }
 

@@ -118,16 +118,20 @@ pub async fn start(config: &Config) -> Result<RunningAgent, ServerError> {
                 .set_service_status(name, tonic_health::ServingStatus::Serving)
                 .await;
         }
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(grpc::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|err| ServerError::Serve {
-                what: "gRPC",
-                message: err.to_string(),
-            })?;
+        // Both reflection versions: older tools (grpcurl < 1.8.8 among them) only speak v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(grpc::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_error = |err: tonic_reflection::server::Error| ServerError::Serve {
+            what: "gRPC",
+            message: err.to_string(),
+        };
         let router = tonic::transport::Server::builder()
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection().build_v1().map_err(reflection_error)?)
+            .add_service(reflection().build_v1alpha().map_err(reflection_error)?)
             .add_service(ElectionGrpc::new(service.clone()));
         let stop = shutdown.clone();
         servers.spawn(async move {

@@ -131,3 +131,67 @@ async fn sigterm_ends_streams_drains_and_exits_zero_within_ten_seconds() {
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(rest.iter().any(|l| l.contains("SIGTERM")), "{rest:?}");
 }
+
+#[tokio::test]
+async fn the_client_prints_json_and_fails_with_the_grpc_code() {
+    let agent = election_agent::server::start(
+        &election_agent::config::Sources::default()
+            .flag("EA_BIND_ADDRESS", "127.0.0.1")
+            .flag("EA_GRPC_PORT", "0")
+            .flag("EA_HTTP_ENABLE", "false")
+            .flag("EA_METRIC_ENABLE", "false")
+            .resolve()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let address = format!("http://{}", agent.grpc_address.unwrap());
+    let client = |args: &[&str]| {
+        let address = address.clone();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        // The client blocks on its own runtime: run it off this test's runtime.
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_election-agent"))
+                .args(["client", "--address", &address])
+                .args(&args)
+                .output()
+                .unwrap()
+        })
+    };
+    let won = client(&["campaign", "jobs", "alice", "--kind", "batch"])
+        .await
+        .unwrap();
+    assert!(won.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&won.stdout).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({"elected": true, "leader": "alice", "kind": "batch", "fencing_token": 1})
+    );
+    let missing = client(&["leader", "nobody"]).await.unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8(missing.stderr).unwrap().trim(),
+        "election-agent: NotFound: election default/nobody has no leader"
+    );
+    agent.shutdown().await;
+    agent.wait().await.unwrap();
+}
+
+#[test]
+fn sigterm_during_start_up_still_exits_cleanly() {
+    let mut child = agent()
+        .env("EA_ENV", "production")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    // The first log line is printed before the listeners exist: signal right then.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    lines.next().expect("a first log line").unwrap();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}

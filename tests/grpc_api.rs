@@ -359,6 +359,10 @@ async fn reflection_lists_the_election_and_health_services() {
     };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
     assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+    assert!(
         names.contains(&"grpc.election_agent.v1.Election".to_string()),
         "{names:?}"
     );
