@@ -6,6 +6,35 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# Runs a command as root: directly when we are root, else through sudo if there is one.
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo "$@"
+  else
+    echo "error: \"$*\" needs root (or sudo) to install Redis for the tests" >&2
+    return 1
+  fi
+}
+
+# The Redis store's tests start real redis-server and redis-sentinel processes on free ports,
+# and drive them with redis-cli.
+missing_redis=()
+for tool in redis-server redis-sentinel redis-cli; do
+  command -v "$tool" >/dev/null 2>&1 || missing_redis+=("$tool")
+done
+if [ "${#missing_redis[@]}" -gt 0 ]; then
+  step "installing Redis for the store tests (missing: ${missing_redis[*]})"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq redis-server redis-sentinel redis-tools
+  # Debian's packages may start a system redis (6379) and sentinel (26379); the tests run their
+  # own on free ports, so stop those rather than leave them holding resources.
+  as_root service redis-server stop >/dev/null 2>&1 || true
+  as_root service redis-sentinel stop >/dev/null 2>&1 || true
+fi
+
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   step "installing cargo-nextest"
   cargo install --locked cargo-nextest

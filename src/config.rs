@@ -822,6 +822,28 @@ mod tests {
     }
 
     #[test]
+    fn every_example_file_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        for (file, mode, urls) in [
+            ("redis.yaml", StoreMode::Single, 1),
+            ("redlock.yaml", StoreMode::Single, 3),
+            ("sentinel.yaml", StoreMode::Failover, 3),
+            ("cluster.yaml", StoreMode::Cluster, 1),
+        ] {
+            let config = Sources::default()
+                .read_file(&dir.join(file))
+                .unwrap()
+                .resolve()
+                .unwrap_or_else(|err| panic!("{file}: {err}"));
+            assert_eq!(
+                (config.store.mode, config.store.urls.len()),
+                (mode, urls),
+                "{file}"
+            );
+        }
+    }
+
+    #[test]
     fn the_local_example_file_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/local.yaml");
         let config = Sources::default()

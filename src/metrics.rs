@@ -147,9 +147,9 @@ impl Metrics {
         self.unavailable.inc();
     }
 
-    /// Sets how many Redis servers are unreachable.
-    pub fn set_disconnected_backends(&self, count: i64) {
-        self.disconnected_backends.set(count);
+    /// The gauge of unreachable Redis servers, for the store to keep up to date.
+    pub fn disconnected_backends(&self) -> IntGauge {
+        self.disconnected_backends.clone()
     }
 
     /// The registry, for collectors registered by other parts of the process.

@@ -25,7 +25,7 @@ use crate::{
     grpc::{self, ElectionGrpc},
     http,
     metrics::Metrics,
-    store::{MemoryStore, Store},
+    store::{MemoryStore, RedisStore, Store, redis::EndpointError},
 };
 
 /// Health service names reported besides the `Election` service: the overall status (`""`) and
@@ -54,10 +54,13 @@ pub enum ServerError {
     Metrics(#[from] prometheus::Error),
     /// The configured store is not available in this build.
     #[error(
-        "EA_REDIS_MODE={0} is not available in this version of the agent; the Redis backends are \
-         not built yet: use EA_REDIS_MODE=memory"
+        "EA_REDIS_MODE={0} is not available in this version of the agent; use single, failover, \
+         cluster or memory"
     )]
     UnsupportedStore(&'static str),
+    /// The Redis URLs cannot be used.
+    #[error(transparent)]
+    Endpoints(#[from] EndpointError),
     /// A server failed while serving.
     #[error("{what} server failed: {message}")]
     Serve {
@@ -84,10 +87,13 @@ pub struct RunningAgent {
 }
 
 /// Builds the store named by the configuration.
-fn store(config: &Config) -> Result<Store, ServerError> {
+fn store(config: &Config, metrics: &Metrics) -> Result<Store, ServerError> {
     match config.store.mode {
         StoreMode::Memory => Ok(Store::Memory(MemoryStore::new())),
-        other => Err(ServerError::UnsupportedStore(other.as_str())),
+        StoreMode::Sharding => Err(ServerError::UnsupportedStore(StoreMode::Sharding.as_str())),
+        StoreMode::Single | StoreMode::Failover | StoreMode::Cluster => Ok(Store::Redis(
+            RedisStore::new(&config.store, metrics.disconnected_backends())?,
+        )),
     }
 }
 
@@ -98,7 +104,8 @@ pub async fn start(config: &Config) -> Result<RunningAgent, ServerError> {
         &config.name,
         config.request_duration_buckets.clone(),
     )?);
-    let service = ElectionService::new(store(config)?, config.terms, metrics, shutdown.clone());
+    let store = store(config, &metrics)?;
+    let service = ElectionService::new(store, config.terms, metrics, shutdown.clone());
     let (health, _) = tonic_health::server::health_reporter();
     let health_service = HealthServer::new(DrainingHealth {
         inner: HealthService::from_health_reporter(health.clone()),

@@ -69,13 +69,28 @@ fn an_invalid_config_value_stops_start_up_with_one_line_naming_key_value_and_all
 }
 
 #[test]
-fn a_redis_mode_this_build_cannot_serve_is_refused_at_start_up() {
-    let (code, stderr) = refused(agent().env("EA_REDIS_URLS", "redis://127.0.0.1:1"));
+fn a_redis_mode_this_agent_does_not_serve_is_refused_at_start_up() {
+    let (code, stderr) = refused(
+        agent()
+            .env("EA_REDIS_MODE", "sharding")
+            .env("EA_REDIS_URLS", "redis://127.0.0.1:1"),
+    );
     assert_ne!(code, 0);
     assert!(
-        stderr.contains("EA_REDIS_MODE=single is not available"),
+        stderr.contains("EA_REDIS_MODE=sharding is not available"),
         "{stderr}"
     );
+}
+
+#[test]
+fn an_unusable_redis_url_is_refused_at_start_up_without_showing_the_password() {
+    let (code, stderr) = refused(agent().env("EA_REDIS_URLS", "http://user:secret@127.0.0.1:1"));
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("EA_REDIS_URLS") && stderr.contains("scheme"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("secret"), "{stderr}");
 }
 
 #[tokio::test]

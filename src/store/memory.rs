@@ -77,7 +77,9 @@ impl LeaseStore for MemoryStore {
                     }),
                     _ => record.leader(now),
                 };
-                if let Some(leader) = leader {
+                // Renewals are not announced (as by every store): the leader did not change,
+                // and observers confirm a lease with a read when its term runs out.
+                if let (Some(leader), false) = (leader, cause == ChangeCause::Renewed) {
                     // Sent under the lock, so observers see changes in the order they were made.
                     // An error only means nobody is observing.
                     let _ = self.changes.send(LeaseChange {

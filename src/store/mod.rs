@@ -9,24 +9,26 @@
 //! [`decide`]: crate::lease::decide
 
 mod memory;
+pub mod redis;
 
 use std::future::Future;
 
 use tokio::sync::broadcast;
 
 pub use memory::MemoryStore;
+pub use redis::RedisStore;
 
 use crate::lease::{ChangeCause, Command, ElectionKey, LeaderInfo, Name, Outcome};
 
 /// Why a store could not answer.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// The backing servers could not be reached, or not enough of them agreed, in time.
     #[error("lease store unavailable: {0}")]
     Unavailable(String),
 }
 
-/// A change of one election's lease, as announced to observers.
+/// A change of leadership of one election, as announced to observers (renewals are not).
 #[derive(Debug, Clone)]
 pub struct LeaseChange {
     /// The election that changed.
@@ -73,6 +75,8 @@ pub trait LeaseStore: Send + Sync {
 pub enum Store {
     /// The embedded, in-process store.
     Memory(MemoryStore),
+    /// Redis: one server, a Redlock quorum, Sentinel or Cluster.
+    Redis(RedisStore),
 }
 
 impl LeaseStore for Store {
@@ -83,33 +87,42 @@ impl LeaseStore for Store {
     ) -> Result<Outcome, StoreError> {
         match self {
             Store::Memory(store) => store.execute(election, command).await,
+            Store::Redis(store) => store.execute(election, command).await,
         }
     }
 
     async fn leader(&self, election: &ElectionKey) -> Result<Option<LeaderInfo>, StoreError> {
         match self {
             Store::Memory(store) => store.leader(election).await,
+            Store::Redis(store) => store.leader(election).await,
         }
     }
 
     async fn leaders(&self, kind: &Name) -> Result<Vec<(Name, LeaderInfo)>, StoreError> {
         match self {
             Store::Memory(store) => store.leaders(kind).await,
+            Store::Redis(store) => store.leaders(kind).await,
         }
     }
 
     fn subscribe(&self) -> broadcast::Receiver<LeaseChange> {
         match self {
             Store::Memory(store) => store.subscribe(),
+            Store::Redis(store) => store.subscribe(),
         }
     }
 
     async fn check(&self) -> Result<(), StoreError> {
         match self {
             Store::Memory(store) => store.check().await,
+            Store::Redis(store) => store.check().await,
         }
     }
 }
 
 #[cfg(test)]
 pub(crate) mod contract;
+#[cfg(test)]
+pub(crate) mod safety;
+#[cfg(test)]
+pub(crate) mod servers;

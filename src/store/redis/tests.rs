@@ -1,0 +1,503 @@
+//! The Redis stores against real Redis servers started on loopback ports of their own: the shared
+//! lease-store contract in every mode, the Lua script against the lease engine, Observe across
+//! agent replicas, and the failure behaviour of SPEC §5.
+
+use std::time::{Duration, Instant};
+
+use prometheus::IntGauge;
+
+use super::*;
+use crate::{
+    lease::Term,
+    store::{
+        MemoryStore, contract,
+        servers::{RedisCluster, RedisServer, SentinelSet, start_many},
+    },
+};
+
+const TIMEOUT: Duration = Duration::from_millis(500);
+
+fn store_config(mode: StoreMode, urls: Vec<String>, master: &str) -> StoreConfig {
+    StoreConfig {
+        mode,
+        urls,
+        master: master.to_owned(),
+        operation_timeout: TIMEOUT,
+        key_prefix: "test".to_owned(),
+    }
+}
+
+fn store(config: &StoreConfig) -> (RedisStore, IntGauge) {
+    let gauge = IntGauge::new("disconnected", "test gauge").unwrap();
+    (RedisStore::new(config, gauge.clone()).unwrap(), gauge)
+}
+
+fn single(servers: &[RedisServer]) -> (RedisStore, IntGauge) {
+    store(&store_config(
+        StoreMode::Single,
+        servers.iter().map(RedisServer::url).collect(),
+        "",
+    ))
+}
+
+fn name(s: &str) -> Name {
+    Name::parse("test", s).unwrap()
+}
+
+fn key(election: &str) -> ElectionKey {
+    ElectionKey {
+        kind: name("test"),
+        election: name(election),
+    }
+}
+
+fn campaign(candidate: &str) -> Command {
+    Command::Campaign {
+        candidate: name(candidate),
+        term: Term::from_millis(10_000),
+    }
+}
+
+#[tokio::test]
+async fn single_redis_meets_the_lease_store_contract() {
+    let server = RedisServer::start().await;
+    contract::run(&single(std::slice::from_ref(&server)).0).await;
+}
+
+#[tokio::test]
+async fn redlock_over_three_servers_meets_the_lease_store_contract() {
+    let servers = start_many(3).await;
+    contract::run(&single(&servers).0).await;
+}
+
+#[tokio::test]
+async fn sentinel_meets_the_lease_store_contract() {
+    let sentinels = SentinelSet::start().await;
+    let config = store_config(
+        StoreMode::Failover,
+        sentinels.sentinel_urls(),
+        sentinels.master_name(),
+    );
+    contract::run(&store(&config).0).await;
+}
+
+#[tokio::test]
+async fn cluster_meets_the_lease_store_contract() {
+    let cluster = RedisCluster::start().await;
+    let config = store_config(StoreMode::Cluster, cluster.urls(), "");
+    contract::run(&store(&config).0).await;
+}
+
+/// A small deterministic generator, so a failure can be replayed.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % below
+    }
+}
+
+#[tokio::test]
+async fn the_lua_script_decides_exactly_as_the_lease_engine() {
+    let server = RedisServer::start().await;
+    let (redis, _) = single(std::slice::from_ref(&server));
+    let memory = MemoryStore::new();
+    let mut random = Lcg(7);
+    let candidates = ["a", "b", "c"];
+    for step in 0..400 {
+        let election = key(["x", "y"][random.next(2) as usize]);
+        let who = name(candidates[random.next(3) as usize]);
+        let term = Term::from_millis(60_000);
+        let command = match random.next(4) {
+            0 => Command::Campaign {
+                candidate: who,
+                term,
+            },
+            1 => Command::Extend { leader: who, term },
+            2 => Command::Resign { leader: who },
+            _ => Command::Handover { leader: who, term },
+        };
+        let expected = memory.execute(&election, command.clone()).await.unwrap();
+        let actual = redis.execute(&election, command.clone()).await.unwrap();
+        assert_eq!(actual, expected, "step {step}: {command:?} on {election}");
+        let expected = memory
+            .leader(&election)
+            .await
+            .unwrap()
+            .map(|l| (l.leader, l.token));
+        let actual = redis
+            .leader(&election)
+            .await
+            .unwrap()
+            .map(|l| (l.leader, l.token));
+        assert_eq!(actual, expected, "leader after step {step}");
+    }
+}
+
+#[tokio::test]
+async fn a_change_made_through_one_agent_reaches_observers_of_another_within_100_ms() {
+    let server = RedisServer::start().await;
+    let (agent_a, _) = single(std::slice::from_ref(&server));
+    let (agent_b, _) = single(std::slice::from_ref(&server));
+    let mut changes = agent_b.subscribe();
+    // Let agent B's subscription reach the server.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        agent_a
+            .execute(&key("warm-up"), campaign("a"))
+            .await
+            .unwrap();
+        agent_a
+            .execute(&key("warm-up"), Command::Resign { leader: name("a") })
+            .await
+            .unwrap();
+        if tokio::time::timeout(Duration::from_millis(100), changes.recv())
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "agent B never subscribed");
+    }
+    while changes.try_recv().is_ok() {}
+
+    let started = Instant::now();
+    agent_a
+        .execute(&key("shared"), campaign("alice"))
+        .await
+        .unwrap();
+    let change = loop {
+        let change = tokio::time::timeout(Duration::from_millis(100), changes.recv())
+            .await
+            .expect("change within 100 ms")
+            .unwrap();
+        if change.election == key("shared") {
+            break change;
+        }
+    };
+    assert!(started.elapsed() < Duration::from_millis(100));
+    assert_eq!(
+        (change.cause, change.leader.leader.as_str()),
+        (ChangeCause::Elected, "alice")
+    );
+}
+
+#[tokio::test]
+async fn redlock_serves_with_one_of_three_servers_down_and_fails_fast_with_two() {
+    let mut servers = start_many(3).await;
+    let (store, disconnected) = single(&servers);
+    let election = key("faults");
+    let first = store.execute(&election, campaign("a")).await.unwrap();
+    let Outcome::Leading { token: first } = first else {
+        panic!("{first:?}")
+    };
+
+    servers[0].stop().await;
+    assert_eq!(
+        store.execute(&election, campaign("a")).await.unwrap(),
+        Outcome::Leading { token: first },
+        "one server down changes nothing"
+    );
+    assert!(store.check().await.is_ok(), "still ready with a majority");
+    let handed = store
+        .execute(
+            &election,
+            Command::Handover {
+                leader: name("b"),
+                term: Term::from_millis(10_000),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(handed, Outcome::HandedOver { token } if token > first));
+
+    servers[1].stop().await;
+    let started = Instant::now();
+    let failed = store.execute(&election, campaign("c")).await;
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(failed, Err(StoreError::Unavailable(_))),
+        "{failed:?}"
+    );
+    assert!(elapsed <= TIMEOUT + TIMEOUT / 10, "took {elapsed:?}");
+    assert!(store.check().await.is_err(), "not ready without a majority");
+    assert!(store.leader(&election).await.is_err());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while disconnected.get() != 2 {
+        assert!(Instant::now() < deadline, "gauge is {}", disconnected.get());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Restarted servers come back empty (no persistence): the one that kept its data holds the
+    // highest token, and new leases must still get higher ones.
+    servers[0].restart().await;
+    servers[1].restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let resumed = loop {
+        match store.execute(&key("faults-after"), campaign("d")).await {
+            Ok(outcome) => break outcome,
+            Err(err) => assert!(Instant::now() < deadline, "did not recover: {err}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(matches!(resumed, Outcome::Leading { .. }));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while disconnected.get() != 0 {
+        assert!(Instant::now() < deadline, "gauge is {}", disconnected.get());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_single_redis_fails_within_the_timeout_and_recovers_by_itself() {
+    let mut server = RedisServer::start().await;
+    let (store, _) = single(std::slice::from_ref(&server));
+    let election = key("outage");
+    store.execute(&election, campaign("a")).await.unwrap();
+
+    server.stop().await;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let result = store.execute(&election, campaign("a")).await;
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
+        assert!(
+            started.elapsed() <= TIMEOUT + TIMEOUT / 10,
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert!(store.check().await.is_err());
+
+    // The restarted server has an empty script cache too: NOSCRIPT must be handled.
+    server.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.execute(&election, campaign("b")).await {
+            Ok(outcome) => {
+                assert!(matches!(outcome, Outcome::Leading { .. }), "{outcome:?}");
+                break;
+            }
+            Err(err) => assert!(Instant::now() < deadline, "did not recover: {err}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(store.check().await.is_ok());
+}
+
+#[tokio::test]
+async fn the_agent_starts_with_redis_down_and_connects_when_it_appears() {
+    let mut server = RedisServer::start().await;
+    server.stop().await;
+    let (store, _) = single(std::slice::from_ref(&server));
+    assert!(store.check().await.is_err());
+    server.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.check().await.is_err() {
+        assert!(Instant::now() < deadline, "never connected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    store.execute(&key("late"), campaign("a")).await.unwrap();
+}
+
+#[test]
+fn endpoints_follow_the_go_service_url_formats() {
+    let endpoints = |mode, urls: &[&str], master: &str| {
+        endpoints(&store_config(
+            mode,
+            urls.iter().map(|u| u.to_string()).collect(),
+            master,
+        ))
+    };
+    let single = endpoints(
+        StoreMode::Single,
+        &["redis://u:secret@h1:7000/2", "redis://h2"],
+        "",
+    )
+    .unwrap();
+    assert_eq!(single.len(), 2);
+    assert_eq!(single[0].0, "h1:7000");
+    assert_eq!(single[0].1.password.as_deref(), Some("secret"));
+    assert_eq!(single[0].1.database, 2);
+    assert_eq!(single[1].0, "h2:6379");
+
+    let cluster = endpoints(
+        StoreMode::Cluster,
+        &["redis://u:p@n1:7000?addr=n2:7001&addr=n3:7002"],
+        "",
+    )
+    .unwrap();
+    let ServerConfig::Cluster(config) = &cluster[0].1.server else {
+        panic!("not a cluster")
+    };
+    assert_eq!(
+        config.nodes,
+        [
+            ("n1".to_string(), 7000),
+            ("n2".to_string(), 7001),
+            ("n3".to_string(), 7002)
+        ]
+    );
+
+    let sentinel = endpoints(
+        StoreMode::Failover,
+        &["redis://s1:26379", "redis://s2:26379"],
+        "m",
+    )
+    .unwrap();
+    let ServerConfig::Sentinel(config) = &sentinel[0].1.server else {
+        panic!("not sentinel")
+    };
+    assert_eq!(config.service_name, "m");
+    assert_eq!(config.instances.len(), 2);
+
+    let err = endpoints(StoreMode::Single, &["http://u:secret@h"], "").unwrap_err();
+    assert!(!err.to_string().contains("secret"), "{err}");
+    assert!(endpoints(StoreMode::Single, &["redis://h/notanumber"], "").is_err());
+}
+
+async fn leading_token(
+    store: &RedisStore,
+    election: &ElectionKey,
+    command: Command,
+) -> FencingToken {
+    match store.execute(election, command).await {
+        Ok(Outcome::Leading { token } | Outcome::HandedOver { token }) => token,
+        other => panic!("expected to lead, got {other:?}"),
+    }
+}
+
+/// Retries `command` until it succeeds, for at most `within`.
+async fn until_served(
+    store: &RedisStore,
+    election: &ElectionKey,
+    command: Command,
+    within: Duration,
+) -> Outcome {
+    let deadline = Instant::now() + within;
+    loop {
+        match store.execute(election, command.clone()).await {
+            Ok(outcome) => return outcome,
+            Err(err) => assert!(
+                Instant::now() < deadline,
+                "not served again in {within:?}: {err}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn sentinel_failover_resumes_within_ten_seconds_without_losing_a_replicated_token() {
+    let mut sentinels = SentinelSet::start().await;
+    let config = store_config(
+        StoreMode::Failover,
+        sentinels.sentinel_urls(),
+        sentinels.master_name(),
+    );
+    let (store, _) = store(&config);
+    let election = key("failover");
+    let before = leading_token(&store, &election, campaign("a")).await;
+    // Replication is asynchronous: only a write the replica received survives its promotion.
+    let master = sentinels.master().port();
+    crate::store::servers::redis_cli(master, &["WAIT", "1", "2000"])
+        .await
+        .expect("WAIT");
+
+    sentinels.master().stop().await;
+    sentinels.wait_for_failover(Duration::from_secs(20)).await;
+    let promoted = Instant::now();
+    let handover = Command::Handover {
+        leader: name("b"),
+        term: Term::from_millis(10_000),
+    };
+    let after = until_served(&store, &election, handover, Duration::from_secs(10)).await;
+    assert!(promoted.elapsed() < Duration::from_secs(10));
+    assert!(
+        matches!(after, Outcome::HandedOver { token } if token > before),
+        "token went from {before} to {after:?}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "rustis 0.27 cannot build a cluster client while CLUSTER SHARDS lists a failed, slot-less master; fixed by the store's own slot routing (next commit)"]
+async fn cluster_resumes_when_the_master_of_an_election_dies() {
+    let mut cluster = RedisCluster::start().await;
+    let config = store_config(StoreMode::Cluster, cluster.urls(), "");
+    let (store, _) = store(&config);
+    let election = key("sharded");
+    let before = leading_token(&store, &election, campaign("a")).await;
+    let record = store.shared.key(&election);
+    let master = cluster.master_port_for_key(&record).await;
+    crate::store::servers::redis_cli(master, &["WAIT", "1", "2000"])
+        .await
+        .expect("WAIT");
+
+    cluster.master_for_key(&record).await.stop().await;
+    cluster.wait_until_ok(Duration::from_secs(30)).await;
+    let handover = Command::Handover {
+        leader: name("b"),
+        term: Term::from_millis(10_000),
+    };
+    let after = until_served(&store, &election, handover, Duration::from_secs(10)).await;
+    assert!(
+        matches!(after, Outcome::HandedOver { token } if token > before),
+        "token went from {before} to {after:?}"
+    );
+    let listed = store.leaders(&name("test")).await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_never_has_two_leaders_while_a_server_is_paused_and_resumed() {
+    let mut servers = start_many(3).await;
+    let store = std::sync::Arc::new(single(&servers).0);
+    let report = crate::store::safety::check(
+        store,
+        "redlock-safety",
+        50,
+        10,
+        Duration::from_millis(300),
+        Duration::from_secs(4),
+        async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            servers[1].pause().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            servers[1].resume().await;
+        },
+    )
+    .await;
+    assert!(
+        report.intervals > 200,
+        "too little happened: {}",
+        report.intervals
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_redis_never_has_two_leaders_under_concurrent_candidates() {
+    let server = RedisServer::start().await;
+    let store = std::sync::Arc::new(single(std::slice::from_ref(&server)).0);
+    let report = crate::store::safety::check(
+        store,
+        "single-safety",
+        50,
+        10,
+        Duration::from_millis(300),
+        Duration::from_secs(3),
+        async {},
+    )
+    .await;
+    assert!(
+        report.intervals > 200,
+        "too little happened: {}",
+        report.intervals
+    );
+    assert_eq!(report.failures, 0);
+}

@@ -1,0 +1,1209 @@
+//! Real Redis servers for the Redis store's tests.
+//!
+//! Every server here is a genuine `redis-server` (or `redis-sentinel`) process from the machine's
+//! Redis installation, listening on 127.0.0.1 on a port picked free for it, without persistence,
+//! in a private temporary directory that also holds its log. Dropping a handle kills the process
+//! and removes the directory, so no server outlives its test, even one that panics.
+//!
+//! * [`RedisServer`] — one standalone server that a test can crash ([`RedisServer::stop`]) and
+//!   bring back on the same port ([`RedisServer::restart`]); [`start_many`] starts independent
+//!   ones (Redlock).
+//! * [`SentinelSet`] — a master, its replica and three sentinels, ready to fail over.
+//! * [`RedisCluster`] — a six-node cluster, three masters with one replica each.
+//!
+//! Raw commands go through `redis-cli`, so the harness depends on no Redis client crate. Missing
+//! Redis programs make the tests panic with the way to install them: they never silently skip.
+
+use std::fmt::Write as _;
+use std::fs::{self, OpenOptions};
+use std::io::Read;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::future::join_all;
+
+/// How long a server may take to answer PING after it was spawned.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a [`SentinelSet`] may take to be ready to fail over.
+const SENTINEL_READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a [`RedisCluster`] may take to be created and report `cluster_state:ok` everywhere.
+const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one `redis-cli` call may take before it is killed.
+const CLI_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often readiness conditions are polled.
+const POLL: Duration = Duration::from_millis(50);
+/// How many fresh ports to try when another process takes the one picked for a server.
+const PORT_ATTEMPTS: usize = 8;
+/// How much of a server's log a panic message shows (its end).
+const LOG_TAIL: usize = 8_000;
+
+const MASTER_NAME: &str = "mymaster";
+const CLUSTER_SLOTS: usize = 16_384;
+
+/// The absolute path of `program` on `PATH`; panics with how to install Redis if it is missing.
+fn program(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| {
+            fs::metadata(candidate)
+                .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not installed: run `bash scripts/test.sh` (it installs Debian's \
+                 redis-server, redis-sentinel and redis-tools) or `apt-get install redis-server \
+                 redis-sentinel redis-tools`"
+            )
+        })
+}
+
+/// `n` distinct loopback ports that were free a moment ago (all bound at once, then released).
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind(("127.0.0.1", 0)).expect("bind 127.0.0.1:0 to find a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|listener| {
+            listener
+                .local_addr()
+                .expect("local address of a bound listener")
+                .port()
+        })
+        .collect()
+}
+
+/// A new, empty, private directory under the system's temporary directory.
+fn private_dir() -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "election-agent-redis-{}-{}-{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        match fs::create_dir(&dir) {
+            Ok(()) => return dir,
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(error) => panic!(
+                "cannot create temporary directory {}: {error}",
+                dir.display()
+            ),
+        }
+    }
+}
+
+/// Kills `child` (SIGKILL) and reaps it; errors only mean it had already exited.
+fn kill(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Whether a raw TCP connection to `port` answers `PING` with `+PONG` (within half a second).
+async fn ping(port: u16) -> bool {
+    let attempt = async {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        let request = b"PING\r\n";
+        let mut written = 0;
+        while written < request.len() {
+            stream.writable().await.ok()?;
+            match stream.try_write(&request[written..]) {
+                Ok(n) => written += n,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return None,
+            }
+        }
+        let mut reply = Vec::new();
+        while !reply.ends_with(b"\r\n") {
+            stream.readable().await.ok()?;
+            let mut chunk = [0_u8; 256];
+            match stream.try_read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => reply.extend_from_slice(&chunk[..n]),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return None,
+            }
+        }
+        Some(reply.starts_with(b"+PONG"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), attempt).await,
+        Ok(Some(true))
+    )
+}
+
+/// Reads `pipe` to its end on a blocking thread.
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> tokio::task::JoinHandle<String> {
+    tokio::task::spawn_blocking(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// Runs `redis-cli` with `args` (stdin closed) and returns its stdout, or why it failed:
+/// a non-zero exit (with its output) or no exit within `timeout` (it is then killed).
+async fn run_cli(args: &[String], timeout: Duration) -> Result<String, String> {
+    let mut child = Command::new(program("redis-cli"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|error| format!("cannot run redis-cli: {error}"))?;
+    // Drained on blocking threads while the child runs, so a full pipe can never stall it.
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() >= deadline => {
+                kill(child);
+                break None;
+            }
+            Ok(None) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(error) => {
+                kill(child);
+                return Err(format!("cannot wait for redis-cli: {error}"));
+            }
+        }
+    };
+    let stdout = stdout.await.unwrap_or_default();
+    let stderr = stderr.await.unwrap_or_default();
+    match status {
+        Some(status) if status.success() => Ok(stdout),
+        Some(status) => Err(format!(
+            "`redis-cli {}` failed ({status}): {} {}",
+            args.join(" "),
+            stdout.trim(),
+            stderr.trim()
+        )),
+        None => Err(format!(
+            "`redis-cli {}` did not finish within {timeout:?}",
+            args.join(" ")
+        )),
+    }
+}
+
+/// Runs one command on the server at 127.0.0.1:`port` through `redis-cli` and returns its reply
+/// in `redis-cli`'s raw format (one line per element; nested arrays flattened). An error reply, a
+/// refused connection or a hang (5 s) is an `Err`.
+pub(crate) async fn redis_cli(port: u16, command: &[&str]) -> Result<String, String> {
+    let mut args: Vec<String> = ["-e", "-h", "127.0.0.1", "-p"]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    args.push(port.to_string());
+    args.extend(command.iter().map(ToString::to_string));
+    let reply = run_cli(&args, CLI_TIMEOUT).await?;
+    // Older redis-cli versions print an error reply on stdout and still exit 0.
+    if reply.starts_with("ERR") || reply.starts_with("(error)") {
+        return Err(format!(
+            "`{}` on port {port}: {}",
+            command.join(" "),
+            reply.trim()
+        ));
+    }
+    Ok(reply)
+}
+
+/// The value of `field` in an INFO-style reply (`field:value` lines).
+fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines().find_map(|line| {
+        line.trim_end()
+            .strip_prefix(field)
+            .and_then(|rest| rest.strip_prefix(':'))
+    })
+}
+
+/// The `key value key value ...` pairs of a flat map reply printed one element per line.
+fn flat_pairs(reply: &str) -> Vec<(&str, &str)> {
+    let lines: Vec<&str> = reply.lines().map(str::trim_end).collect();
+    lines
+        .chunks(2)
+        .filter_map(|pair| match pair {
+            [key, value] => Some((*key, *value)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What a handle runs, beyond the settings every server shares.
+#[derive(Debug, Clone)]
+enum Kind {
+    /// A standalone server, optionally replicating the server on `replica_of`.
+    Standalone { replica_of: Option<u16> },
+    /// A cluster node, with its cluster bus on `bus_port`.
+    ClusterNode { bus_port: u16 },
+    /// A sentinel monitoring the master on `master_port` as `mymaster`, quorum 2.
+    Sentinel { master_port: u16 },
+}
+
+/// Why a spawned server did not become ready.
+enum StartError {
+    /// Another process holds its port.
+    PortTaken,
+    /// It exited, or never answered, for another reason (described).
+    Failed(String),
+}
+
+/// One Redis process (`redis-server` or `redis-sentinel`) on 127.0.0.1; see the module
+/// documentation. Dropping it kills the process and removes its directory.
+#[derive(Debug)]
+pub(crate) struct RedisServer {
+    port: u16,
+    kind: Kind,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a standalone server on a free port and waits until it answers PING.
+    pub(crate) async fn start() -> RedisServer {
+        Self::start_kind(|_| Kind::Standalone { replica_of: None }).await
+    }
+
+    /// Starts a standalone server replicating the server at 127.0.0.1:`master_port`
+    /// (`--replicaof`); returns once it answers PING, not once replication is up.
+    pub(crate) async fn start_replica_of(master_port: u16) -> RedisServer {
+        Self::start_kind(move |_| Kind::Standalone {
+            replica_of: Some(master_port),
+        })
+        .await
+    }
+
+    /// Starts a cluster node (empty, not yet part of any cluster).
+    async fn start_cluster_node() -> RedisServer {
+        Self::start_kind(|bus_port| Kind::ClusterNode { bus_port }).await
+    }
+
+    /// Starts a sentinel monitoring the master at 127.0.0.1:`master_port`.
+    async fn start_sentinel(master_port: u16) -> RedisServer {
+        Self::start_kind(move |_| Kind::Sentinel { master_port }).await
+    }
+
+    /// Starts a process of the kind `kind` makes (given a spare free port, used for a cluster
+    /// bus) in a new private directory, retrying on fresh ports while another process takes them.
+    async fn start_kind(kind: impl Fn(u16) -> Kind) -> RedisServer {
+        let dir = private_dir();
+        let mut server = None::<RedisServer>;
+        for _ in 0..PORT_ATTEMPTS {
+            let ports = free_ports(2);
+            let mut candidate = match server.take() {
+                Some(mut previous) => {
+                    previous.port = ports[0];
+                    previous.kind = kind(ports[1]);
+                    previous
+                }
+                None => RedisServer {
+                    port: ports[0],
+                    kind: kind(ports[1]),
+                    dir: dir.clone(),
+                    child: None,
+                },
+            };
+            match candidate.launch(true).await {
+                Ok(()) => return candidate,
+                Err(StartError::PortTaken) => server = Some(candidate),
+                Err(StartError::Failed(why)) => candidate.fail(&why),
+            }
+        }
+        let server = server.expect("at least one attempt was made");
+        server.fail(&format!(
+            "another process took its port {PORT_ATTEMPTS} times in a row"
+        ))
+    }
+
+    /// The port it listens on (127.0.0.1).
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub(crate) fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Its private directory (config, log, cluster `nodes.conf`).
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the process is meant to be running: started and not [stopped](Self::stop).
+    pub(crate) fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Kills the process with SIGKILL (a crash: no shutdown, no goodbye to clients or peers) and
+    /// waits for it to be gone. Does nothing if it is already stopped.
+    pub(crate) async fn stop(&mut self) {
+        if let Some(child) = self.child.take() {
+            kill(child);
+        }
+    }
+
+    /// Starts the process again on the same port, in the same directory, with the same
+    /// arguments (killing it first if it still runs), and waits until it answers PING.
+    ///
+    /// A standalone server comes back empty (no persistence); a cluster node keeps its identity
+    /// (`nodes.conf`); a sentinel keeps the configuration it rewrote.
+    pub(crate) async fn restart(&mut self) {
+        self.stop().await;
+        match self.launch(false).await {
+            Ok(()) => {}
+            Err(StartError::PortTaken) => self.fail(&format!(
+                "another process took port {} while it was stopped",
+                self.port
+            )),
+            Err(StartError::Failed(why)) => self.fail(&why),
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("redis.log")
+    }
+
+    fn sentinel_config_path(&self) -> PathBuf {
+        self.dir.join("sentinel.conf")
+    }
+
+    /// Spawns the process (`fresh`: for the first time on this port) and waits until it answers
+    /// PING, as itself.
+    async fn launch(&mut self, fresh: bool) -> Result<(), StartError> {
+        self.spawn(fresh);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let child = self.child.as_mut().expect("just spawned");
+            if let Some(status) = child.try_wait().ok().flatten() {
+                self.child = None;
+                return Err(self.exit_error(status));
+            }
+            if ping(self.port).await {
+                // Make sure the answer came from this process, not from one that took the port.
+                if self.answers_as_itself().await {
+                    return Ok(());
+                }
+                self.stop().await;
+                return Err(StartError::PortTaken);
+            }
+            if Instant::now() >= deadline {
+                self.stop().await;
+                return Err(StartError::Failed(format!(
+                    "it did not answer PING on port {} within {START_TIMEOUT:?}",
+                    self.port
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn spawn(&mut self, fresh: bool) {
+        let (program_name, args) = match &self.kind {
+            Kind::Sentinel { master_port } => {
+                // A fresh start writes the configuration; a restart keeps the sentinel's rewrite.
+                let config = self.sentinel_config_path();
+                if fresh {
+                    self.write_sentinel_config(*master_port);
+                }
+                ("redis-sentinel", vec![config.display().to_string()])
+            }
+            Kind::Standalone { .. } | Kind::ClusterNode { .. } => {
+                ("redis-server", self.server_args())
+            }
+        };
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap_or_else(|error| panic!("cannot open {}: {error}", self.log_path().display()));
+        let log_err = log.try_clone().expect("duplicate the log file handle");
+        let child = Command::new(program(program_name))
+            .args(&args)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {program_name}: {error}"));
+        self.child = Some(child);
+    }
+
+    fn server_args(&self) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "no",
+            // Full syncs start at once (the default waits 5 s for more replicas to join).
+            "--repl-diskless-sync-delay",
+            "0",
+            "--dir",
+            &self.dir.display().to_string(),
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        match &self.kind {
+            Kind::Standalone {
+                replica_of: Some(master),
+            } => {
+                args.extend(["--replicaof".into(), "127.0.0.1".into(), master.to_string()]);
+            }
+            Kind::ClusterNode { bus_port } => {
+                // An explicit bus port: the default (port + 10000) may be taken or above 65535.
+                args.extend(
+                    [
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "1000",
+                        "--cluster-port",
+                        &bus_port.to_string(),
+                    ]
+                    .iter()
+                    .map(ToString::to_string),
+                );
+            }
+            Kind::Standalone { replica_of: None } | Kind::Sentinel { .. } => {}
+        }
+        args
+    }
+
+    fn write_sentinel_config(&self, master_port: u16) {
+        let config = format!(
+            "port {port}\n\
+             bind 127.0.0.1\n\
+             protected-mode no\n\
+             daemonize no\n\
+             dir {dir}\n\
+             sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
+             sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+             sentinel failover-timeout {MASTER_NAME} 5000\n\
+             sentinel parallel-syncs {MASTER_NAME} 1\n",
+            port = self.port,
+            dir = self.dir.display(),
+        );
+        let path = self.sentinel_config_path();
+        fs::write(&path, config)
+            .unwrap_or_else(|error| panic!("cannot write {}: {error}", path.display()));
+    }
+
+    /// Whether the server on its port is this process (its INFO `process_id`).
+    async fn answers_as_itself(&self) -> bool {
+        let Some(pid) = self.child.as_ref().map(Child::id) else {
+            return false;
+        };
+        match redis_cli(self.port, &["INFO", "server"]).await {
+            Ok(info) => info_field(&info, "process_id") == Some(pid.to_string().as_str()),
+            Err(_) => false,
+        }
+    }
+
+    fn exit_error(&self, status: ExitStatus) -> StartError {
+        let log = self.log();
+        if log.contains("Address already in use") {
+            StartError::PortTaken
+        } else {
+            StartError::Failed(format!("it exited ({status}) during start-up"))
+        }
+    }
+
+    /// The end of its log.
+    fn log(&self) -> String {
+        let log = fs::read(self.log_path()).unwrap_or_default();
+        let start = log.len().saturating_sub(LOG_TAIL);
+        String::from_utf8_lossy(&log[start..]).into_owned()
+    }
+
+    /// Panics with `why` and the end of its log (the handle is dropped: process killed).
+    fn fail(&self, why: &str) -> ! {
+        panic!(
+            "{} ({:?}) on port {} failed to start: {why}\n--- {} ---\n{}",
+            match self.kind {
+                Kind::Sentinel { .. } => "redis-sentinel",
+                _ => "redis-server",
+            },
+            self.kind,
+            self.port,
+            self.log_path().display(),
+            self.log()
+        )
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            kill(child);
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts `n` independent standalone servers (for Redlock), in parallel.
+pub(crate) async fn start_many(n: usize) -> Vec<RedisServer> {
+    join_all((0..n).map(|_| RedisServer::start())).await
+}
+
+/// Polls `check` every [`POLL`] until it returns `Ok`, or panics after `timeout` with `what` and
+/// the last reason `check` gave.
+async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(why) if Instant::now() >= deadline => {
+                panic!("{what}: not done within {timeout:?}; last seen: {why}")
+            }
+            Err(_) => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+/// A master, one replica and three sentinels (quorum 2, down after 1 s), ready to fail over.
+///
+/// [`master`](Self::master) and [`replica`](Self::replica) are the servers *started* as master
+/// and replica; after a failover their roles are swapped, not the handles.
+#[derive(Debug)]
+pub(crate) struct SentinelSet {
+    master: RedisServer,
+    replica: RedisServer,
+    sentinels: Vec<RedisServer>,
+    /// The master port the sentinels last agreed on (at start or the last failover awaited).
+    known_master: AtomicU16,
+}
+
+impl SentinelSet {
+    /// Starts the set and waits (20 s at most) until a failover can happen: the replica is in
+    /// sync, and every sentinel knows the master, the replica and the two other sentinels.
+    pub(crate) async fn start() -> SentinelSet {
+        let started = Instant::now();
+        let master = RedisServer::start().await;
+        let replica = RedisServer::start_replica_of(master.port()).await;
+        let replica_port = replica.port();
+        // Sentinels discover replicas from the master's INFO, so the replica must be linked first.
+        wait_until(
+            "sentinel set: replica linked to its master",
+            SENTINEL_READY_TIMEOUT,
+            || async move {
+                let info = redis_cli(replica_port, &["INFO", "replication"]).await?;
+                match info_field(&info, "master_link_status") {
+                    Some("up") => Ok(()),
+                    status => Err(format!("master_link_status {status:?}")),
+                }
+            },
+        )
+        .await;
+        let master_port = master.port();
+        let sentinels = join_all((0..3).map(|_| RedisServer::start_sentinel(master_port))).await;
+        let set = SentinelSet {
+            master,
+            replica,
+            sentinels,
+            known_master: AtomicU16::new(master_port),
+        };
+        let remaining = SENTINEL_READY_TIMEOUT.saturating_sub(started.elapsed());
+        for sentinel in set.sentinel_ports() {
+            wait_until(
+                &format!("sentinel set: sentinel on port {sentinel} ready to fail over"),
+                remaining,
+                || Self::sentinel_ready(sentinel, master_port, replica_port),
+            )
+            .await;
+        }
+        set
+    }
+
+    /// Whether the sentinel on `sentinel` sees the master, a healthy replica and two peers.
+    async fn sentinel_ready(sentinel: u16, master: u16, replica: u16) -> Result<(), String> {
+        let reported = Self::reported_master(sentinel).await?;
+        if reported != master {
+            return Err(format!("it reports master port {reported}, not {master}"));
+        }
+        let state = redis_cli(sentinel, &["SENTINEL", "master", MASTER_NAME]).await?;
+        let state = flat_pairs(&state);
+        let field = |name: &str| state.iter().find(|(key, _)| *key == name).map(|(_, v)| *v);
+        if field("flags") != Some("master")
+            || field("num-slaves") != Some("1")
+            || field("num-other-sentinels") != Some("2")
+        {
+            return Err(format!(
+                "master flags {:?}, {:?} replicas, {:?} other sentinels",
+                field("flags"),
+                field("num-slaves"),
+                field("num-other-sentinels")
+            ));
+        }
+        let replicas = redis_cli(sentinel, &["SENTINEL", "replicas", MASTER_NAME]).await?;
+        let replicas = flat_pairs(&replicas);
+        let value = |name: &str| {
+            replicas
+                .iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, v)| *v)
+        };
+        if value("port") != Some(replica.to_string().as_str())
+            || value("flags") != Some("slave")
+            || value("master-link-status") != Some("ok")
+        {
+            return Err(format!(
+                "replica port {:?}, flags {:?}, master link {:?}",
+                value("port"),
+                value("flags"),
+                value("master-link-status")
+            ));
+        }
+        Ok(())
+    }
+
+    /// The master port the sentinel on `sentinel` reports.
+    async fn reported_master(sentinel: u16) -> Result<u16, String> {
+        let reply = redis_cli(
+            sentinel,
+            &["SENTINEL", "get-master-addr-by-name", MASTER_NAME],
+        )
+        .await?;
+        let mut lines = reply.lines().map(str::trim);
+        match (lines.next(), lines.next()) {
+            (Some(_host), Some(port)) => port
+                .parse()
+                .map_err(|_| format!("unexpected master address reply {reply:?}")),
+            _ => Err(format!("unexpected master address reply {reply:?}")),
+        }
+    }
+
+    /// `mymaster`: the name the sentinels monitor the master under.
+    pub(crate) fn master_name(&self) -> &str {
+        MASTER_NAME
+    }
+
+    /// `redis://127.0.0.1:PORT` of each sentinel.
+    pub(crate) fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinels.iter().map(RedisServer::url).collect()
+    }
+
+    /// The port of each sentinel.
+    pub(crate) fn sentinel_ports(&self) -> Vec<u16> {
+        self.sentinels.iter().map(RedisServer::port).collect()
+    }
+
+    /// The server started as master.
+    pub(crate) fn master(&mut self) -> &mut RedisServer {
+        &mut self.master
+    }
+
+    /// The server started as replica.
+    pub(crate) fn replica(&mut self) -> &mut RedisServer {
+        &mut self.replica
+    }
+
+    /// The three sentinels.
+    pub(crate) fn sentinels(&mut self) -> &mut [RedisServer] {
+        &mut self.sentinels
+    }
+
+    /// The data server (master or replica) on `port`, if it is one of this set's.
+    pub(crate) fn server_on(&mut self, port: u16) -> Option<&mut RedisServer> {
+        [&mut self.master, &mut self.replica]
+            .into_iter()
+            .find(|server| server.port() == port)
+    }
+
+    /// Waits until the sentinels have failed over to a new master: every reachable sentinel
+    /// (at least one) reports the same master port, different from the one they agreed on before
+    /// (at start, or at the previous call), and the server there says `role:master`. Returns that
+    /// port; panics after `timeout`.
+    pub(crate) async fn wait_for_failover(&self, timeout: Duration) -> u16 {
+        let old = self.known_master.load(Ordering::SeqCst);
+        let sentinels = self.sentinel_ports();
+        let new = wait_until(
+            &format!("sentinel set: failover away from the master on port {old}"),
+            timeout,
+            || {
+                let sentinels = sentinels.clone();
+                async move {
+                    let mut reported = Vec::new();
+                    for sentinel in sentinels {
+                        // A stopped sentinel is no obstacle; a reachable one must agree.
+                        if let Ok(port) = Self::reported_master(sentinel).await {
+                            reported.push(port);
+                        }
+                    }
+                    let Some(&new) = reported.first() else {
+                        return Err("no sentinel answers".to_string());
+                    };
+                    if new == old || reported.iter().any(|&port| port != new) {
+                        return Err(format!("sentinels report master ports {reported:?}"));
+                    }
+                    let info = redis_cli(new, &["INFO", "replication"]).await?;
+                    match info_field(&info, "role") {
+                        Some("master") => Ok(new),
+                        role => Err(format!("the server on port {new} has role {role:?}")),
+                    }
+                }
+            },
+        )
+        .await;
+        self.known_master.store(new, Ordering::SeqCst);
+        new
+    }
+}
+
+/// One line of `CLUSTER NODES`.
+#[derive(Debug, Clone)]
+struct ClusterNodeLine {
+    id: String,
+    port: u16,
+    flags: Vec<String>,
+    /// The id of its master (`-` for a master).
+    master_id: String,
+    /// Inclusive slot ranges it serves (as a master).
+    slots: Vec<(usize, usize)>,
+}
+
+impl ClusterNodeLine {
+    fn parse(line: &str) -> Option<ClusterNodeLine> {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 8 {
+            return None;
+        }
+        // `ip:port@cport[,hostname]`; a node without a known address shows `:0@0`.
+        let address = fields[1].split('@').next()?;
+        let port = address.rsplit(':').next()?.parse().ok()?;
+        let flags = fields[2].split(',').map(str::to_string).collect();
+        let slots = fields[8..]
+            .iter()
+            .filter(|slot| !slot.starts_with('['))
+            .filter_map(|slot| match slot.split_once('-') {
+                Some((from, to)) => Some((from.parse().ok()?, to.parse().ok()?)),
+                None => {
+                    let slot = slot.parse().ok()?;
+                    Some((slot, slot))
+                }
+            })
+            .collect();
+        Some(ClusterNodeLine {
+            id: fields[0].to_string(),
+            port,
+            flags,
+            master_id: fields[3].to_string(),
+            slots,
+        })
+    }
+
+    fn has_flag(&self, flag: &str) -> bool {
+        self.flags.iter().any(|f| f == flag)
+    }
+
+    /// Whether it is flagged failing, or not (yet) a full member.
+    fn unhealthy(&self) -> bool {
+        ["fail", "fail?", "handshake", "noaddr"]
+            .iter()
+            .any(|flag| self.has_flag(flag))
+    }
+
+    fn serves(&self, slot: usize) -> bool {
+        self.slots
+            .iter()
+            .any(|&(from, to)| (from..=to).contains(&slot))
+    }
+}
+
+async fn cluster_nodes(port: u16) -> Result<Vec<ClusterNodeLine>, String> {
+    let reply = redis_cli(port, &["CLUSTER", "NODES"]).await?;
+    Ok(reply.lines().filter_map(ClusterNodeLine::parse).collect())
+}
+
+/// A six-node Redis Cluster: three masters with one replica each (node timeout 1 s).
+#[derive(Debug)]
+pub(crate) struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts six cluster nodes, joins them with `redis-cli --cluster create ... --cluster-replicas
+    /// 1`, and waits (30 s at most) until every node reports `cluster_state:ok`.
+    pub(crate) async fn start() -> RedisCluster {
+        let started = Instant::now();
+        let nodes = join_all((0..6).map(|_| RedisServer::start_cluster_node())).await;
+        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        args.extend(
+            nodes
+                .iter()
+                .map(|node| format!("127.0.0.1:{}", node.port())),
+        );
+        args.extend(["--cluster-replicas", "1", "--cluster-yes"].map(String::from));
+        let output = run_cli(&args, CLUSTER_READY_TIMEOUT)
+            .await
+            .unwrap_or_else(|why| panic!("cluster: creation failed: {why}"));
+        assert!(
+            output.contains("All 16384 slots covered"),
+            "cluster: `redis-cli {}` did not cover every slot:\n{output}",
+            args.join(" ")
+        );
+        let cluster = RedisCluster { nodes };
+        cluster
+            .wait_until_ok(CLUSTER_READY_TIMEOUT.saturating_sub(started.elapsed()))
+            .await;
+        cluster
+    }
+
+    /// `redis://127.0.0.1:PORT` of each node.
+    pub(crate) fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The port of each node.
+    pub(crate) fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(RedisServer::port).collect()
+    }
+
+    /// The six nodes, in start order (roles change with failovers).
+    pub(crate) fn nodes(&mut self) -> &mut [RedisServer] {
+        &mut self.nodes
+    }
+
+    /// A running node to ask questions.
+    fn any_running_port(&self) -> u16 {
+        self.nodes
+            .iter()
+            .find(|node| node.is_running())
+            .map(RedisServer::port)
+            .expect("cluster: every node is stopped")
+    }
+
+    /// The hash slot of `key` (`CLUSTER KEYSLOT`).
+    pub(crate) async fn key_slot(&self, key: &str) -> usize {
+        let port = self.any_running_port();
+        let reply = redis_cli(port, &["CLUSTER", "KEYSLOT", key])
+            .await
+            .unwrap_or_else(|why| panic!("cluster: CLUSTER KEYSLOT failed: {why}"));
+        reply
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("cluster: unexpected CLUSTER KEYSLOT reply {reply:?}"))
+    }
+
+    /// The port of the master serving `key`, as a running node's `CLUSTER NODES` says.
+    pub(crate) async fn master_port_for_key(&self, key: &str) -> u16 {
+        let slot = self.key_slot(key).await;
+        let port = self.any_running_port();
+        let nodes = cluster_nodes(port)
+            .await
+            .unwrap_or_else(|why| panic!("cluster: CLUSTER NODES failed: {why}"));
+        nodes
+            .iter()
+            .find(|node| node.has_flag("master") && node.serves(slot))
+            .map(|node| node.port)
+            .unwrap_or_else(|| panic!("cluster: no master serves slot {slot} of {key:?}"))
+    }
+
+    /// The node that is the master serving `key`.
+    pub(crate) async fn master_for_key(&mut self, key: &str) -> &mut RedisServer {
+        let port = self.master_port_for_key(key).await;
+        self.nodes
+            .iter_mut()
+            .find(|node| node.port() == port)
+            .unwrap_or_else(|| panic!("cluster: the master on port {port} is not one of ours"))
+    }
+
+    /// Waits until the cluster is whole again on every running node: `cluster_state:ok`, all
+    /// 16384 slots ok, and every slot served by a master that is running (so a master just
+    /// killed, not yet noticed as failed, does not count as ok), every running node known to all
+    /// as such a master or as a replica of one, and every running replica in sync with its master
+    /// (so it could take over in turn). Panics after `timeout`.
+    pub(crate) async fn wait_until_ok(&self, timeout: Duration) {
+        let running: Vec<u16> = self
+            .nodes
+            .iter()
+            .filter(|node| node.is_running())
+            .map(RedisServer::port)
+            .collect();
+        wait_until(
+            "cluster: cluster_state:ok on every running node",
+            timeout,
+            || {
+                let running = running.clone();
+                async move {
+                    for &port in &running {
+                        Self::node_ok(port, &running).await?;
+                    }
+                    Ok(())
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Whether the node on `port` sees a whole cluster served by the `running` nodes.
+    async fn node_ok(port: u16, running: &[u16]) -> Result<(), String> {
+        let info = redis_cli(port, &["CLUSTER", "INFO"]).await?;
+        let state = info_field(&info, "cluster_state");
+        let slots_ok = info_field(&info, "cluster_slots_ok");
+        if state != Some("ok") || slots_ok != Some("16384") {
+            return Err(format!(
+                "node {port}: cluster_state {state:?}, cluster_slots_ok {slots_ok:?}"
+            ));
+        }
+        let nodes = cluster_nodes(port).await?;
+        let mut served = 0;
+        for node in nodes.iter().filter(|node| node.has_flag("master")) {
+            if node.slots.is_empty() {
+                continue;
+            }
+            if !running.contains(&node.port) || node.unhealthy() {
+                return Err(format!(
+                    "node {port}: slots still served by the master on port {} ({})",
+                    node.port,
+                    node.flags.join(",")
+                ));
+            }
+            served += node
+                .slots
+                .iter()
+                .map(|&(from, to)| to - from + 1)
+                .sum::<usize>();
+        }
+        if served != CLUSTER_SLOTS {
+            return Err(format!("node {port}: {served} slots served"));
+        }
+        // Every running node is, in this node's view, a healthy master serving slots or a
+        // replica of one: otherwise masters may refuse their votes to a replica taking over.
+        for &member in running {
+            let Some(node) = nodes.iter().find(|node| node.port == member) else {
+                return Err(format!("node {port}: does not know node {member}"));
+            };
+            let role_ok = if node.has_flag("master") {
+                !node.slots.is_empty()
+            } else {
+                nodes
+                    .iter()
+                    .any(|master| master.id == node.master_id && !master.slots.is_empty())
+            };
+            if node.unhealthy() || !role_ok {
+                return Err(format!(
+                    "node {port}: sees node {member} as {} (master {})",
+                    node.flags.join(","),
+                    node.master_id
+                ));
+            }
+        }
+        // A replica that never synced could not take over from its master.
+        let myself = nodes.iter().find(|node| node.has_flag("myself"));
+        if myself.is_some_and(|node| node.has_flag("slave")) {
+            let info = redis_cli(port, &["INFO", "replication"]).await?;
+            let link = info_field(&info, "master_link_status");
+            if link != Some("up") {
+                return Err(format!("replica {port}: master_link_status {link:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A human-readable dump of the cluster as the first running node sees it (for diagnostics).
+    pub(crate) async fn describe(&self) -> String {
+        let port = self.any_running_port();
+        let mut out = String::new();
+        match cluster_nodes(port).await {
+            Ok(nodes) => {
+                for node in nodes {
+                    let _ = writeln!(
+                        out,
+                        "{} {} {:?}",
+                        node.port,
+                        node.flags.join(","),
+                        node.slots
+                    );
+                }
+            }
+            Err(why) => out.push_str(&why),
+        }
+        out
+    }
+}
+
+impl RedisServer {
+    /// Freezes the process with SIGSTOP — it keeps its data but answers nothing, like a server
+    /// behind a network partition — until [`resume`](Self::resume).
+    pub(crate) async fn pause(&mut self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a [paused](Self::pause) process run again (SIGCONT).
+    pub(crate) async fn resume(&mut self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .map(|child| child.id().to_string())
+            .expect("the server is running");
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn server_stops_like_a_crash_and_restarts_on_the_same_port() {
+        let mut server = RedisServer::start().await;
+        let port = server.port();
+        assert_eq!(server.url(), format!("redis://127.0.0.1:{port}"));
+        assert!(ping(port).await);
+        let dir = server.dir().to_path_buf();
+        redis_cli(port, &["SET", "k", "v"]).await.expect("SET");
+
+        server.stop().await;
+        assert!(!server.is_running());
+        assert!(!ping(port).await, "PING must fail after stop");
+        assert!(redis_cli(port, &["PING"]).await.is_err());
+
+        server.restart().await;
+        assert_eq!(server.port(), port);
+        assert!(server.is_running());
+        assert!(ping(port).await, "PING must work after restart");
+        // No persistence: the restarted server is empty.
+        assert_eq!(
+            redis_cli(port, &["EXISTS", "k"])
+                .await
+                .expect("EXISTS")
+                .trim(),
+            "0"
+        );
+
+        drop(server);
+        assert!(!ping(port).await, "dropping the handle kills the server");
+        assert!(!dir.exists(), "dropping the handle removes its directory");
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "while it was stopped")]
+    async fn restart_panics_with_the_log_when_the_port_was_taken() {
+        let mut server = RedisServer::start().await;
+        server.stop().await;
+        let _squatter = TcpListener::bind(("127.0.0.1", server.port())).expect("bind");
+        server.restart().await;
+    }
+
+    #[tokio::test]
+    async fn independent_servers_have_distinct_ports() {
+        let servers = start_many(3).await;
+        let mut ports: Vec<u16> = servers.iter().map(RedisServer::port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), 3);
+        for port in ports {
+            let role = redis_cli(port, &["INFO", "replication"])
+                .await
+                .expect("INFO");
+            assert_eq!(info_field(&role, "role"), Some("master"));
+        }
+    }
+
+    #[tokio::test]
+    async fn redis_cli_reports_error_replies() {
+        let server = RedisServer::start().await;
+        let error = redis_cli(server.port(), &["NO-SUCH-COMMAND"])
+            .await
+            .unwrap_err();
+        assert!(error.contains("unknown command"), "{error}");
+    }
+
+    #[test]
+    #[should_panic(expected = "no-such-redis-program is not installed: run `bash scripts/test.sh`")]
+    fn a_missing_program_panics_with_how_to_install_it() {
+        program("no-such-redis-program");
+    }
+
+    #[tokio::test]
+    async fn sentinels_fail_over_when_the_master_is_killed() {
+        let mut set = SentinelSet::start().await;
+        assert_eq!(set.master_name(), "mymaster");
+        assert_eq!(set.sentinel_urls().len(), 3);
+        let replica = set.replica().port();
+        set.master().stop().await;
+        let killed = Instant::now();
+        let new_master = set.wait_for_failover(Duration::from_secs(15)).await;
+        eprintln!("sentinel failover took {:?}", killed.elapsed());
+        assert_eq!(new_master, replica);
+        assert!(set.server_on(new_master).is_some());
+
+        // A restarted sentinel keeps the configuration it rewrote: it knows the new master.
+        let sentinel = &mut set.sentinels()[0];
+        sentinel.restart().await;
+        assert_eq!(
+            SentinelSet::reported_master(sentinel.port()).await,
+            Ok(new_master)
+        );
+    }
+
+    #[tokio::test]
+    async fn cluster_recovers_when_a_master_is_killed() {
+        let mut cluster = RedisCluster::start().await;
+        assert_eq!(cluster.urls().len(), 6);
+        let nodes = cluster_nodes(cluster.ports()[0])
+            .await
+            .expect("CLUSTER NODES");
+        assert_eq!(nodes.iter().filter(|n| n.has_flag("master")).count(), 3);
+        assert_eq!(nodes.iter().filter(|n| n.has_flag("slave")).count(), 3);
+
+        let old = cluster.master_port_for_key("probe").await;
+        cluster.master_for_key("probe").await.stop().await;
+        let killed = Instant::now();
+        cluster.wait_until_ok(Duration::from_secs(20)).await;
+        eprintln!("cluster failover took {:?}", killed.elapsed());
+        let new = cluster.master_port_for_key("probe").await;
+        assert_ne!(new, old, "{}", cluster.describe().await);
+
+        // The old master comes back as a replica (it keeps its identity in nodes.conf).
+        let node = cluster
+            .nodes()
+            .iter_mut()
+            .find(|n| n.port() == old)
+            .expect("a node");
+        node.restart().await;
+        let restarted = Instant::now();
+        cluster.wait_until_ok(Duration::from_secs(20)).await;
+        eprintln!("cluster rejoin took {:?}", restarted.elapsed());
+        let role = redis_cli(old, &["INFO", "replication"])
+            .await
+            .expect("INFO");
+        assert_eq!(info_field(&role, "role"), Some("slave"));
+        assert!(cluster.key_slot("probe").await < CLUSTER_SLOTS);
+    }
+}
