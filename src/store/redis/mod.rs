@@ -12,6 +12,7 @@
 //! command's outcome is decided, so `Observe` streams on every agent replica hear them; expiry
 //! needs no message (observers time it themselves and confirm with a read).
 
+mod cluster;
 mod node;
 pub(crate) mod quorum;
 

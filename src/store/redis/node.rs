@@ -1,10 +1,10 @@
 //! One Redis endpoint — a standalone server, a Sentinel-managed master, or a Cluster — reached
 //! through one multiplexed `rustis` client.
 //!
-//! The client is created on first use rather than at start-up, so the agent starts (not ready)
+//! Clients are created on first use rather than at start-up, so the agent starts (not ready)
 //! while Redis is down; once connected, `rustis` reconnects by itself. Every call is bounded by
 //! the operation timeout. Scripts are called by SHA and loaded again when a server answers
-//! NOSCRIPT (after a restart or a failover).
+//! NOSCRIPT (after a restart or a failover). A Cluster is reached through [`ClusterRouter`].
 
 use std::{
     sync::{OnceLock, RwLock},
@@ -13,10 +13,11 @@ use std::{
 
 use rustis::{
     client::{Client, Config, ServerConfig},
-    commands::{ClusterCommands, ConnectionCommands, PubSubCommands, ScriptingCommands},
+    commands::{ConnectionCommands, PubSubCommands, ScriptingCommands},
 };
 use serde::{Serialize, de::DeserializeOwned};
 
+use super::cluster::ClusterRouter;
 use crate::store::StoreError;
 
 /// A Lua script, identified on the servers by its SHA1 once loaded.
@@ -53,15 +54,23 @@ pub(crate) static RELEASE: Script = Script::new("release.lua", include_str!("rel
 /// One Redis endpoint; see the module documentation.
 pub(crate) struct Node {
     label: String,
-    config: Config,
-    client: RwLock<Option<(Client, Instant)>>,
-    connecting: tokio::sync::Mutex<()>,
     timeout: Duration,
+    backend: Backend,
 }
 
-/// A client that failed is replaced by a new one (which discovers the Sentinel master or the
-/// Cluster topology afresh from the configured addresses) at most this often. `rustis`
-/// reconnects by itself, but to the topology it knew: after a failover that can be a dead end.
+enum Backend {
+    /// A standalone server, or the master a Sentinel set names: one client.
+    Direct {
+        config: Config,
+        client: RwLock<Option<(Client, Instant)>>,
+        connecting: tokio::sync::Mutex<()>,
+    },
+    /// A Redis Cluster: one client per master, routed by slot.
+    Cluster(ClusterRouter),
+}
+
+/// A client that failed is replaced by a new one (which finds the Sentinel master afresh) at
+/// most this often; `rustis` reconnects by itself, but to the server it knew.
 const REPLACE_FAILED_CLIENT_AFTER: Duration = Duration::from_secs(2);
 
 impl Node {
@@ -69,12 +78,20 @@ impl Node {
     pub(crate) fn new(label: String, mut config: Config, timeout: Duration) -> Self {
         config.connect_timeout = timeout;
         config.connection_name = "election-agent".into();
+        let backend = match &config.server {
+            ServerConfig::Cluster(cluster) => {
+                Backend::Cluster(ClusterRouter::new(cluster.nodes.clone(), config.clone()))
+            }
+            _ => Backend::Direct {
+                config,
+                client: RwLock::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+            },
+        };
         Self {
             label,
-            config,
-            client: RwLock::new(None),
-            connecting: tokio::sync::Mutex::new(()),
             timeout,
+            backend,
         }
     }
 
@@ -87,48 +104,64 @@ impl Node {
         StoreError::Unavailable(format!("Redis {}: {what}: {err}", self.label))
     }
 
-    fn cached(&self) -> Option<Client> {
-        self.client
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-            .filter(|(client, _)| !client.is_terminated())
-            .map(|(client, _)| client.clone())
-    }
-
-    /// After a failure: forgets the client if it has had time to prove itself, so the next call
-    /// connects afresh.
-    fn replace_if_failing(&self) {
-        let mut client = self
-            .client
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if client
-            .as_ref()
-            .is_some_and(|(_, since)| since.elapsed() >= REPLACE_FAILED_CLIENT_AFTER)
-        {
-            *client = None;
-        }
-    }
-
-    async fn client(&self) -> Result<Client, StoreError> {
-        if let Some(client) = self.cached() {
+    /// The client for `key` (any master of a Cluster without a key).
+    async fn client(&self, key: Option<&str>) -> Result<Client, StoreError> {
+        let (config, client, connecting) = match &self.backend {
+            Backend::Cluster(router) => {
+                return router
+                    .client(key)
+                    .await
+                    .map_err(|err| self.error("cluster", err));
+            }
+            Backend::Direct {
+                config,
+                client,
+                connecting,
+            } => (config, client, connecting),
+        };
+        let cached = || {
+            client
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+                .filter(|(client, _)| !client.is_terminated())
+                .map(|(client, _)| client.clone())
+        };
+        if let Some(client) = cached() {
             return Ok(client);
         }
         // One connection attempt at a time; the others wait for its result.
-        let _connecting = self.connecting.lock().await;
-        if let Some(client) = self.cached() {
+        let _connecting = connecting.lock().await;
+        if let Some(client) = cached() {
             return Ok(client);
         }
-        let client = Client::connect(self.config.clone())
+        let connected = Client::connect(config.clone())
             .await
             .map_err(|err| self.error("cannot connect", err))?;
-        *self
-            .client
+        *client
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some((client.clone(), Instant::now()));
-        Ok(client)
+            Some((connected.clone(), Instant::now()));
+        Ok(connected)
+    }
+
+    /// After a failure: a Cluster reads its slot map again; a direct client that has had time to
+    /// prove itself is forgotten, so the next call connects afresh.
+    fn after_failure(&self) {
+        match &self.backend {
+            Backend::Cluster(router) => router.invalidate(),
+            Backend::Direct { client, .. } => {
+                let mut client = client
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if client
+                    .as_ref()
+                    .is_some_and(|(_, since)| since.elapsed() >= REPLACE_FAILED_CLIENT_AFTER)
+                {
+                    *client = None;
+                }
+            }
+        }
     }
 
     async fn bounded<T>(
@@ -144,12 +177,13 @@ impl Node {
                 ))
             });
         if result.is_err() {
-            self.replace_if_failing();
+            self.after_failure();
         }
         result
     }
 
-    /// Runs `script` on `key` with `args`.
+    /// Runs `script` on `key` with `args`. In a Cluster, a command refused because the slot moved
+    /// (or its master is gone) is routed again once, with a fresh slot map.
     pub(crate) async fn eval<R: DeserializeOwned>(
         &self,
         script: &Script,
@@ -157,33 +191,28 @@ impl Node {
         args: impl Serialize + Clone,
     ) -> Result<R, StoreError> {
         self.bounded(async {
-            let client = self.client().await?;
-            if let Some(sha) = script.sha.get() {
-                match client.evalsha::<R>(sha.as_str(), key, args.clone()).await {
+            let mut rerouted = false;
+            loop {
+                let client = self.client(Some(key)).await?;
+                match run(&client, script, key, args.clone()).await {
                     Ok(reply) => return Ok(reply),
-                    Err(err) if !is_no_script(&err) => return Err(self.error(script.name, err)),
-                    Err(_) => {}
+                    Err(err) => match &self.backend {
+                        Backend::Cluster(router) if !rerouted && is_rerouting(&err) => {
+                            router.invalidate();
+                            rerouted = true;
+                        }
+                        _ => return Err(self.error(script.name, err)),
+                    },
                 }
             }
-            // Not loaded on this server yet (first use, a restart, a failover): load and retry.
-            let sha: String = client
-                .script_load(script.text)
-                .await
-                .map_err(|err| self.error(script.name, err))?;
-            let reply = client
-                .evalsha::<R>(sha.as_str(), key, args)
-                .await
-                .map_err(|err| self.error(script.name, err));
-            let _ = script.sha.set(sha);
-            reply
         })
         .await
     }
 
-    /// Publishes `message` on `channel`.
+    /// Publishes `message` on `channel` (a Cluster forwards it to every node).
     pub(crate) async fn publish(&self, channel: &str, message: &str) -> Result<(), StoreError> {
         self.bounded(async {
-            let client = self.client().await?;
+            let client = self.client(None).await?;
             client
                 .publish(channel, message)
                 .await
@@ -193,25 +222,27 @@ impl Node {
         .await
     }
 
-    /// Succeeds when the endpoint answers PING within the timeout.
+    /// Succeeds when the endpoint (every master of a Cluster) answers PING within the timeout.
     pub(crate) async fn ping(&self) -> Result<(), StoreError> {
         self.bounded(async {
-            let client = self.client().await?;
-            client
-                .ping::<()>(())
-                .await
-                .map_err(|err| self.error("PING", err))
+            for client in self.clients().await? {
+                client
+                    .ping::<()>(())
+                    .await
+                    .map_err(|err| self.error("PING", err))?;
+            }
+            Ok(())
         })
         .await
     }
 
-    /// Subscribes to `channel` (the subscription survives reconnections).
+    /// Subscribes to `channel`; the stream ends when the connection is lost for good.
     pub(crate) async fn subscribe(
         &self,
         channel: &str,
     ) -> Result<rustis::client::PubSubStream, StoreError> {
         self.bounded(async {
-            let client = self.client().await?;
+            let client = self.client(None).await?;
             client
                 .subscribe(channel)
                 .await
@@ -220,35 +251,53 @@ impl Node {
         .await
     }
 
-    /// Every key matching `pattern` (which must contain no glob character but a final `*`). In a
-    /// Cluster every master is scanned, since each holds only its own slots.
+    /// Every key matching `pattern` (which must contain no glob character but a final `*`), on
+    /// every master of a Cluster.
     pub(crate) async fn keys(&self, pattern: &str) -> Result<Vec<String>, StoreError> {
         self.bounded(async {
-            let client = self.client().await?;
-            if !matches!(self.config.server, ServerConfig::Cluster(_)) {
-                return scan(&client, pattern)
-                    .await
-                    .map_err(|err| self.error("SCAN", err));
-            }
-            let nodes: String = client
-                .cluster_nodes()
-                .await
-                .map_err(|err| self.error("CLUSTER NODES", err))?;
             let mut keys = Vec::new();
-            for (host, port) in cluster_masters(&nodes) {
-                let mut config = self.config.clone();
-                config.server = ServerConfig::Standalone { host, port };
-                let master = Client::connect(config)
-                    .await
-                    .map_err(|err| self.error("cannot connect to a cluster master", err))?;
-                let scanned = scan(&master, pattern).await;
-                let _ = master.close().await;
-                keys.extend(scanned.map_err(|err| self.error("SCAN", err))?);
+            for client in self.clients().await? {
+                keys.extend(
+                    scan(&client, pattern)
+                        .await
+                        .map_err(|err| self.error("SCAN", err))?,
+                );
             }
             Ok(keys)
         })
         .await
     }
+
+    /// The one client, or one per Cluster master.
+    async fn clients(&self) -> Result<Vec<Client>, StoreError> {
+        match &self.backend {
+            Backend::Cluster(router) => router
+                .masters()
+                .await
+                .map_err(|err| self.error("cluster", err)),
+            Backend::Direct { .. } => Ok(vec![self.client(None).await?]),
+        }
+    }
+}
+
+/// Runs a script by SHA, loading it first where the server does not know it (first use, a
+/// restart, a failover).
+async fn run<R: DeserializeOwned>(
+    client: &Client,
+    script: &Script,
+    key: &str,
+    args: impl Serialize + Clone,
+) -> Result<R, rustis::Error> {
+    if let Some(sha) = script.sha.get() {
+        match client.evalsha::<R>(sha.as_str(), key, args.clone()).await {
+            Err(err) if is_no_script(&err) => {}
+            result => return result,
+        }
+    }
+    let sha: String = client.script_load(script.text).await?;
+    let reply = client.evalsha::<R>(sha.as_str(), key, args).await;
+    let _ = script.sha.set(sha);
+    reply
 }
 
 async fn scan(client: &Client, pattern: &str) -> Result<Vec<String>, rustis::Error> {
@@ -270,22 +319,6 @@ async fn scan(client: &Client, pattern: &str) -> Result<Vec<String>, rustis::Err
     }
 }
 
-/// The `(host, port)` of every live master in a `CLUSTER NODES` reply.
-fn cluster_masters(nodes: &str) -> Vec<(String, u16)> {
-    nodes
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split(' ');
-            let address = fields.nth(1)?;
-            let flags = fields.next()?;
-            let is_live_master = flags.split(',').any(|f| f == "master")
-                && !flags.split(',').any(|f| f == "fail" || f == "fail?");
-            let (host, port) = address.split(['@', ',']).next()?.rsplit_once(':')?;
-            is_live_master.then(|| Some((host.to_owned(), port.parse().ok()?)))?
-        })
-        .collect()
-}
-
 fn is_no_script(err: &rustis::Error) -> bool {
     matches!(
         err.kind(),
@@ -293,22 +326,15 @@ fn is_no_script(err: &rustis::Error) -> bool {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn cluster_masters_are_read_from_cluster_nodes() {
-        let nodes = "\
-07c3 127.0.0.1:30004@40004 slave e7d1 0 1 4 connected
-67ed 127.0.0.1:30002@40002 master - 0 1 2 connected 5461-10922
-292f 127.0.0.1:30003@40003 master,fail - 0 1 3 disconnected
-e7d1 127.0.0.1:30001@40001,host1 myself,master - 0 0 1 connected 0-5460
-";
-        assert_eq!(
-            super::cluster_masters(nodes),
-            [
-                ("127.0.0.1".to_string(), 30002),
-                ("127.0.0.1".to_string(), 30001)
-            ]
-        );
-    }
+/// Whether a Cluster command failed because of where it was sent, so that another slot map may
+/// route it right.
+fn is_rerouting(err: &rustis::Error) -> bool {
+    use rustis::RedisErrorKind::{Ask, ClusterDown, Moved, TryAgain};
+    err.is_connection_error()
+        || err.is_timeout()
+        || matches!(
+            err.kind(),
+            rustis::ErrorKind::Redis(redis)
+                if matches!(redis.kind, Moved { .. } | Ask { .. } | ClusterDown | TryAgain)
+        )
 }

@@ -426,7 +426,6 @@ async fn sentinel_failover_resumes_within_ten_seconds_without_losing_a_replicate
 }
 
 #[tokio::test]
-#[ignore = "rustis 0.27 cannot build a cluster client while CLUSTER SHARDS lists a failed, slot-less master; fixed by the store's own slot routing (next commit)"]
 async fn cluster_resumes_when_the_master_of_an_election_dies() {
     let mut cluster = RedisCluster::start().await;
     let config = store_config(StoreMode::Cluster, cluster.urls(), "");
