@@ -32,6 +32,21 @@ use crate::{
 /// the names the Go service's probes use.
 const HEALTH_NAMES: [&str; 3] = ["", "liveness", "readiness"];
 
+/// Health names that follow the lease store's readiness; `""` and `liveness` stay SERVING while
+/// the process serves, so a liveness probe never restarts the agent over a Redis outage.
+const READINESS_NAMES: [&str; 2] = ["readiness", grpc::SERVICE_NAME];
+
+/// How often readiness is checked for the gRPC health service.
+const READINESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The health reporter, and a lock that keeps readiness updates from landing after shutdown
+/// has reported NOT_SERVING.
+#[derive(Clone)]
+struct HealthState {
+    reporter: HealthReporter,
+    updating: Arc<tokio::sync::Mutex<()>>,
+}
+
 /// How long a health Watch stream stays open once shutdown has begun: long enough to deliver
 /// NOT_SERVING, short enough not to hold the drain up.
 const HEALTH_WATCH_GRACE: Duration = Duration::from_secs(1);
@@ -81,7 +96,7 @@ pub struct RunningAgent {
     /// Where HTTP listens, if enabled.
     pub http_address: Option<SocketAddr>,
     shutdown: CancellationToken,
-    health: HealthReporter,
+    health: HealthState,
     servers: JoinSet<Result<(), ServerError>>,
     shutdown_timeout: Duration,
 }
@@ -106,12 +121,22 @@ pub async fn start(config: &Config) -> Result<RunningAgent, ServerError> {
     )?);
     let store = store(config, &metrics)?;
     let service = ElectionService::new(store, config.terms, metrics, shutdown.clone());
-    let (health, _) = tonic_health::server::health_reporter();
+    let (reporter, _) = tonic_health::server::health_reporter();
     let health_service = HealthServer::new(DrainingHealth {
-        inner: HealthService::from_health_reporter(health.clone()),
+        inner: HealthService::from_health_reporter(reporter.clone()),
         shutdown: shutdown.clone(),
     });
+    let health = HealthState {
+        reporter,
+        updating: Arc::default(),
+    };
     let mut servers = JoinSet::new();
+
+    servers.spawn(follow_readiness(
+        service.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
 
     let grpc_address = if config.grpc.enable {
         let listener = bind(
@@ -122,6 +147,7 @@ pub async fn start(config: &Config) -> Result<RunningAgent, ServerError> {
         let address = local_address("gRPC", &listener)?;
         for name in HEALTH_NAMES.into_iter().chain([grpc::SERVICE_NAME]) {
             health
+                .reporter
                 .set_service_status(name, tonic_health::ServingStatus::Serving)
                 .await;
         }
@@ -198,12 +224,14 @@ impl RunningAgent {
     ///
     /// [`wait`]: RunningAgent::wait
     pub async fn shutdown(&self) {
+        let _updating = self.health.updating.lock().await;
+        self.shutdown.cancel();
         for name in HEALTH_NAMES.into_iter().chain([grpc::SERVICE_NAME]) {
             self.health
+                .reporter
                 .set_service_status(name, tonic_health::ServingStatus::NotServing)
                 .await;
         }
-        self.shutdown.cancel();
     }
 
     /// Waits until both servers have stopped: after [`shutdown`] once in-flight requests are
@@ -263,6 +291,40 @@ fn flatten(
     })
 }
 
+/// Keeps the readiness health names at SERVING while the lease store can serve, NOT_SERVING
+/// while it cannot, until shutdown.
+async fn follow_readiness(
+    service: ElectionService,
+    health: HealthState,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let mut serving = true;
+    while !shutdown.is_cancelled() {
+        let ready = service.ready().await;
+        let updating = health.updating.lock().await;
+        if ready.is_ok() != serving && !shutdown.is_cancelled() {
+            serving = ready.is_ok();
+            let status = if serving {
+                tracing::info!("lease store available: ready");
+                tonic_health::ServingStatus::Serving
+            } else {
+                tracing::warn!(error = %ready.err().map(|e| e.to_string()).unwrap_or_default(), "lease store unavailable: not ready");
+                tonic_health::ServingStatus::NotServing
+            };
+            for name in READINESS_NAMES {
+                health.reporter.set_service_status(name, status).await;
+            }
+        }
+        drop(updating);
+
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(READINESS_INTERVAL) => {}
+        }
+    }
+    Ok(())
+}
+
 /// The standard health service, except that Watch streams end after shutdown has begun (once
 /// NOT_SERVING had a moment to reach them): an open Watch would otherwise hold the graceful
 /// drain up until its timeout.
@@ -314,4 +376,139 @@ fn local_address(what: &'static str, listener: &TcpListener) -> Result<SocketAdd
         what,
         message: err.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tonic::transport::Channel;
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+
+    use super::*;
+    use crate::{
+        config::Sources,
+        grpc::pb::{self, election_client::ElectionClient},
+        store::servers::RedisServer,
+    };
+
+    /// `GET path` over plain HTTP/1.1: (status, body).
+    async fn get(address: SocketAddr, path: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response.split_once("\r\n\r\n").unwrap().1.to_owned();
+        (status, body)
+    }
+
+    async fn health(channel: &Channel, service: &str) -> i32 {
+        HealthClient::new(channel.clone())
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+    }
+
+    async fn eventually(what: &str, mut condition: impl AsyncFnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !condition().await {
+            assert!(Instant::now() < deadline, "{what}: not within 5 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_redis_outage_makes_the_agent_unready_and_fail_fast_until_redis_returns() {
+        let mut redis = RedisServer::start().await;
+        let config = Sources::default()
+            .flag("EA_BIND_ADDRESS", "127.0.0.1")
+            .flag("EA_GRPC_PORT", "0")
+            .flag("EA_HTTP_PORT", "0")
+            .flag("EA_REDIS_URLS", redis.url())
+            .flag("EA_REDIS_OPERATION_TIMEOUT", "500ms")
+            .resolve()
+            .unwrap();
+        let agent = start(&config).await.unwrap();
+        let http = agent.http_address.unwrap();
+        let channel = Channel::from_shared(format!("http://{}", agent.grpc_address.unwrap()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = ElectionClient::new(channel.clone());
+        let campaign = pb::CampaignRequest {
+            election: "outage".into(),
+            candidate: "a".into(),
+            term: 5_000,
+            kind: String::new(),
+        };
+        assert!(
+            client
+                .campaign(campaign.clone())
+                .await
+                .unwrap()
+                .into_inner()
+                .elected
+        );
+        assert_eq!(get(http, "/readyz").await.0, 200);
+
+        redis.stop().await;
+        let started = Instant::now();
+        let refused = client.campaign(campaign.clone()).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(550),
+            "{:?}",
+            started.elapsed()
+        );
+        eventually("/readyz 503", async || get(http, "/readyz").await.0 == 503).await;
+        eventually("readiness NOT_SERVING", async || {
+            health(&channel, "readiness").await == ServingStatus::NotServing as i32
+        })
+        .await;
+        assert_eq!(
+            health(&channel, "liveness").await,
+            ServingStatus::Serving as i32
+        );
+        assert_eq!(get(http, "/livez").await.0, 200);
+        eventually("disconnected gauge", async || {
+            get(http, "/metrics")
+                .await
+                .1
+                .contains("election_agent_disconnected_redis_backends{agent=\"election-agent\"} 1")
+        })
+        .await;
+        let metrics = get(http, "/metrics").await.1;
+        assert!(
+            !metrics.contains("election_agent_unavailable_total{agent=\"election-agent\"} 0"),
+            "{metrics}"
+        );
+
+        redis.restart().await;
+        eventually("/readyz 200", async || get(http, "/readyz").await.0 == 200).await;
+        eventually("readiness SERVING", async || {
+            health(&channel, "readiness").await == ServingStatus::Serving as i32
+        })
+        .await;
+        eventually("campaigns served again", async || {
+            client.campaign(campaign.clone()).await.is_ok()
+        })
+        .await;
+
+        agent.shutdown().await;
+        agent.wait().await.unwrap();
+    }
 }

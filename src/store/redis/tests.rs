@@ -500,3 +500,66 @@ async fn single_redis_never_has_two_leaders_under_concurrent_candidates() {
     );
     assert_eq!(report.failures, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_and_cluster_never_have_two_leaders_under_concurrent_candidates() {
+    let sentinels = SentinelSet::start().await;
+    let cluster = RedisCluster::start().await;
+    let configs = [
+        store_config(
+            StoreMode::Failover,
+            sentinels.sentinel_urls(),
+            sentinels.master_name(),
+        ),
+        store_config(StoreMode::Cluster, cluster.urls(), ""),
+    ];
+    for config in configs {
+        let report = crate::store::safety::check(
+            std::sync::Arc::new(store(&config).0),
+            "mode-safety",
+            50,
+            10,
+            Duration::from_millis(300),
+            Duration::from_secs(2),
+            async {},
+        )
+        .await;
+        assert!(
+            report.intervals > 100,
+            "{:?}: {}",
+            config.mode,
+            report.intervals
+        );
+        assert_eq!(report.failures, 0, "{:?}", config.mode);
+    }
+}
+
+#[tokio::test]
+async fn observe_reports_an_expiry_that_no_request_caused() {
+    use futures::StreamExt;
+
+    use crate::election::{ElectionService, EventKind};
+    let server = RedisServer::start().await;
+    let service = ElectionService::new(
+        crate::store::Store::Redis(single(std::slice::from_ref(&server)).0),
+        crate::lease::TermBounds::default(),
+        std::sync::Arc::new(crate::metrics::Metrics::new("test", vec![1.0]).unwrap()),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    service.campaign("", "expiring", "a", 1_000).await.unwrap();
+    let mut events = Box::pin(service.observe("", "expiring").await.unwrap());
+    let current = events.next().await.unwrap().unwrap();
+    assert_eq!(
+        (current.kind, current.leader.map(|l| l.to_string())),
+        (EventKind::Current, Some("a".into()))
+    );
+    let expired = tokio::time::timeout(Duration::from_millis(1_500), events.next())
+        .await
+        .expect("expiry reported in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (expired.kind, expired.leader.map(|l| l.to_string())),
+        (EventKind::Expired, Some("a".into()))
+    );
+}
