@@ -78,9 +78,11 @@ settings! {
     "EA_METRIC_REQUEST_DURATION_BUCKETS" => "metric.request_duration_buckets" = DEFAULT_BUCKETS,
         "comma-separated, increasing upper bounds (seconds) of the request duration histogram";
     "EA_KUBE_ENABLE" => "kube.enable" = "true",
-        "Kubernetes features (discovery, operator); not part of this version yet: GetPods answers UNIMPLEMENTED";
+        "Kubernetes features (GetPods discovery); when off, GetPods answers UNIMPLEMENTED";
     "EA_KUBE_IN_CLUSTER" => "kube.in_cluster" = "true",
         "use the in-cluster service account, else KUBECONFIG / ~/.kube/config";
+    "EA_KUBE_NAMESPACES" => "kube.namespaces" = "",
+        "comma-separated namespaces to watch for GetPods; empty: the whole cluster";
     "EA_REDIS_MODE" => "redis.mode" = "",
         "memory|single|failover|cluster|sharding; empty: memory without EA_REDIS_URLS, else single";
     "EA_REDIS_URLS" => "redis.urls" = "",
@@ -256,6 +258,8 @@ pub struct Config {
     pub kube_enabled: bool,
     /// `EA_KUBE_IN_CLUSTER`.
     pub kube_in_cluster: bool,
+    /// `EA_KUBE_NAMESPACES` (empty: the whole cluster).
+    pub kube_namespaces: Vec<String>,
     /// `EA_REDIS_*` and `EA_KEY_PREFIX`.
     pub store: StoreConfig,
     /// `EA_LEASE_MIN_TERM`, `EA_LEASE_MAX_TERM`.
@@ -550,6 +554,7 @@ impl Values {
             request_duration_buckets,
             kube_enabled: self.get("EA_KUBE_ENABLE", boolean)?,
             kube_in_cluster: self.get("EA_KUBE_IN_CLUSTER", boolean)?,
+            kube_namespaces: self.get("EA_KUBE_NAMESPACES", namespaces)?,
             store: StoreConfig {
                 mode,
                 urls,
@@ -583,6 +588,25 @@ fn port(value: &str) -> Result<u16, String> {
     value
         .parse()
         .map_err(|_| "expected a port number 0..=65535 (0 picks a free port)".into())
+}
+
+fn namespaces(value: &str) -> Result<Vec<String>, String> {
+    let names: Vec<String> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let valid = |n: &str| {
+        n.len() <= 63
+            && n.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    };
+    if names.iter().all(|n| valid(n)) {
+        Ok(names)
+    } else {
+        Err("expected comma-separated namespace names (lower-case letters, digits and '-')".into())
+    }
 }
 
 fn duration(value: &str) -> Result<Duration, String> {

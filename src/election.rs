@@ -12,6 +12,7 @@ use tokio::{sync::broadcast::error::RecvError, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    discovery::{Discovery, DiscoveryError, mapping::PodInfo},
     lease::{
         ChangeCause, Command, ElectionKey, FencingToken, InvalidArgument, LeaderInfo, Name,
         Outcome, TermBounds,
@@ -63,6 +64,9 @@ pub enum ElectionError {
     /// The feature is not available in this agent.
     #[error("{0}")]
     Unimplemented(&'static str),
+    /// Kubernetes discovery could not answer.
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
 }
 
 /// The result of a campaign: elected or not, and who leads.
@@ -115,15 +119,18 @@ pub struct ElectionService {
 
 struct Inner {
     store: Store,
+    discovery: Option<Discovery>,
     terms: TermBounds,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 }
 
 impl ElectionService {
-    /// A service over `store`; `shutdown` ends Observe streams when cancelled.
+    /// A service over `store` and, when Kubernetes features are on, `discovery`; `shutdown`
+    /// ends Observe streams when cancelled.
     pub fn new(
         store: Store,
+        discovery: Option<Discovery>,
         terms: TermBounds,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
@@ -131,6 +138,7 @@ impl ElectionService {
         Self {
             inner: Arc::new(Inner {
                 store,
+                discovery,
                 terms,
                 metrics,
                 shutdown,
@@ -303,12 +311,23 @@ impl ElectionService {
         .await
     }
 
-    /// Pods of a Deployment: Kubernetes discovery is not part of this agent yet.
-    pub async fn pods(&self) -> Result<std::convert::Infallible, ElectionError> {
+    /// The pods of a Deployment — or, when `pod_name` is set, of the Deployment owning that
+    /// pod — from the Kubernetes caches.
+    pub async fn pods(
+        &self,
+        namespace: &str,
+        deployment: &str,
+        pod_name: &str,
+    ) -> Result<Vec<PodInfo>, ElectionError> {
         self.instrumented(Action::GetPods, async {
-            Err(ElectionError::Unimplemented(
-                "Kubernetes discovery is not available in this agent: GetPods is not implemented",
-            ))
+            let discovery = self
+                .inner
+                .discovery
+                .as_ref()
+                .ok_or(ElectionError::Unimplemented(
+                    "Kubernetes features are off (EA_KUBE_ENABLE=false)",
+                ))?;
+            Ok(discovery.pods(namespace, deployment, pod_name)?)
         })
         .await
     }
@@ -317,6 +336,9 @@ impl ElectionService {
     pub async fn ready(&self) -> Result<(), ElectionError> {
         if self.inner.shutdown.is_cancelled() {
             return Err(StoreError::Unavailable("the agent is shutting down".into()).into());
+        }
+        if self.inner.discovery.as_ref().is_some_and(|d| !d.synced()) {
+            return Err(DiscoveryError::NotSynced.into());
         }
         Ok(self.inner.store.check().await?)
     }
@@ -480,6 +502,7 @@ mod tests {
     fn service() -> ElectionService {
         ElectionService::new(
             Store::Memory(MemoryStore::new()),
+            None,
             TermBounds::default(),
             Arc::new(Metrics::new("test", vec![1.0]).unwrap()),
             CancellationToken::new(),
@@ -588,7 +611,7 @@ mod tests {
         assert_eq!(lost.leader.as_str(), "a");
         assert_eq!(lost.kind.as_str(), "k");
         assert!(matches!(
-            s.pods().await,
+            s.pods("ns", "d", "").await,
             Err(ElectionError::Unimplemented(_))
         ));
     }
@@ -640,6 +663,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let s = ElectionService::new(
             Store::Memory(MemoryStore::new()),
+            None,
             TermBounds::default(),
             Arc::new(Metrics::new("test", vec![1.0]).unwrap()),
             shutdown.clone(),

@@ -7,7 +7,10 @@ use std::pin::Pin;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use crate::election::{ElectionError, ElectionService, EventKind, LeaderEvent};
+use crate::{
+    discovery::{DiscoveryError, mapping::PodInfo},
+    election::{ElectionError, ElectionService, EventKind, LeaderEvent},
+};
 
 /// The code generated from `proto/election_agent/v1/election_agent.proto`.
 #[allow(missing_docs, clippy::all)]
@@ -35,6 +38,42 @@ pub fn status(err: ElectionError) -> Status {
         ElectionError::HeldByOther { .. } => Status::already_exists(message),
         ElectionError::Unavailable(_) => Status::failed_precondition(message),
         ElectionError::Unimplemented(_) => Status::unimplemented(message),
+        ElectionError::Discovery(err) => match err {
+            DiscoveryError::InvalidArgument(_) => Status::invalid_argument(message),
+            DiscoveryError::NotSynced | DiscoveryError::Client(_) => Status::unavailable(message),
+            DiscoveryError::NamespaceNotWatched(_)
+            | DiscoveryError::DeploymentNotFound { .. }
+            | DiscoveryError::PodNotFound { .. }
+            | DiscoveryError::NotInDeployment { .. } => Status::not_found(message),
+        },
+    }
+}
+
+fn pod_message(pod: PodInfo) -> pb::Pod {
+    let (status, rs) = (pod.status, pod.replica_set);
+    pb::Pod {
+        name: pod.name,
+        deployment: pod.deployment,
+        ip: pod.ip,
+        status: Some(pb::PodStatus {
+            phase: status.phase,
+            reason: status.reason,
+            terminating: status.terminating,
+            pod_scheduled: status.pod_scheduled,
+            pod_initialized: status.pod_initialized,
+            pod_ready: status.pod_ready,
+            containers_ready: status.containers_ready,
+        }),
+        replica_set: Some(pb::ReplicaSet {
+            name: rs.name,
+            revision: rs.revision,
+            available_replicas: rs.available_replicas,
+            fully_labeled_replicas: rs.fully_labeled_replicas,
+            ready_replicas: rs.ready_replicas,
+            replicas: rs.replicas,
+            desired_replicas: rs.desired_replicas,
+            max_replicas: rs.max_replicas,
+        }),
     }
 }
 
@@ -180,9 +219,17 @@ impl pb::election_server::Election for ElectionGrpc {
 
     async fn get_pods(
         &self,
-        _request: Request<pb::GetPodsRequest>,
+        request: Request<pb::GetPodsRequest>,
     ) -> Result<Response<pb::Pods>, Status> {
-        match self.service.pods().await.map_err(status)? {}
+        let r = request.into_inner();
+        let pods = self
+            .service
+            .pods(&r.namespace, &r.deployment, &r.pod_name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::Pods {
+            items: pods.into_iter().map(pod_message).collect(),
+        }))
     }
 
     type ObserveStream = EventStream;

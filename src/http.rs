@@ -22,7 +22,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::election::{ElectionError, ElectionService, EventKind, LeaderEvent};
+use crate::{
+    discovery::{DiscoveryError, mapping::PodInfo},
+    election::{ElectionError, ElectionService, EventKind, LeaderEvent},
+};
 
 /// Largest request body accepted; larger ones get 413.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -77,6 +80,7 @@ fn api() -> OpenApiRouter<HttpState> {
         .routes(routes!(list_leaders))
         .routes(routes!(watch))
         .routes(routes!(pods))
+        .routes(routes!(pods_of_pod))
         .routes(routes!(livez))
         .routes(routes!(readyz))
         .routes(routes!(metrics))
@@ -119,6 +123,16 @@ impl From<ElectionError> for ApiError {
             ElectionError::HeldByOther { .. } => StatusCode::CONFLICT,
             ElectionError::Unavailable(_) => StatusCode::PRECONDITION_FAILED,
             ElectionError::Unimplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ElectionError::Discovery(err) => match err {
+                DiscoveryError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+                DiscoveryError::NotSynced | DiscoveryError::Client(_) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                DiscoveryError::NamespaceNotWatched(_)
+                | DiscoveryError::DeploymentNotFound { .. }
+                | DiscoveryError::PodNotFound { .. }
+                | DiscoveryError::NotInDeployment { .. } => StatusCode::NOT_FOUND,
+            },
         };
         Self {
             status,
@@ -486,16 +500,45 @@ async fn watch(
     Ok(sse::Sse::new(events).keep_alive(sse::KeepAlive::default()))
 }
 
+/// The pods of a Deployment (`Pods` of the wire contract; every field present).
+#[derive(Serialize, ToSchema)]
+pub struct PodsBody {
+    /// Sorted by ReplicaSet revision, then name.
+    items: Vec<PodInfo>,
+}
+
 #[utoipa::path(get, path = "/kube/{namespace}/{deployment}/pods", tag = "kubernetes",
     params(("namespace" = String, Path, description = "Namespace"), ("deployment" = String, Path, description = "Deployment")),
     responses(
-        (status = 501, description = "Kubernetes discovery is not available in this agent", body = ErrorBody),
+        (status = 200, description = "The Deployment's pods, from the watch caches", body = PodsBody),
+        (status = 400, description = "Invalid namespace or Deployment name", body = ErrorBody),
+        (status = 404, description = "No such namespace (among those watched) or Deployment", body = ErrorBody),
+        (status = 501, description = "Kubernetes features are off", body = ErrorBody),
+        (status = 503, description = "The caches have not synced yet", body = ErrorBody),
     ))]
 async fn pods(
     State(state): State<HttpState>,
-    Path((_namespace, _deployment)): Path<(String, String)>,
-) -> Result<Response, ApiError> {
-    match state.service.pods().await? {}
+    Path((namespace, deployment)): Path<(String, String)>,
+) -> Result<Json<PodsBody>, ApiError> {
+    let items = state.service.pods(&namespace, &deployment, "").await?;
+    Ok(Json(PodsBody { items }))
+}
+
+#[utoipa::path(get, path = "/kube/{namespace}/pod/{pod}/pods", tag = "kubernetes",
+    params(("namespace" = String, Path, description = "Namespace"), ("pod" = String, Path, description = "A pod of the Deployment")),
+    responses(
+        (status = 200, description = "The pods of the Deployment owning `pod`, from the watch caches", body = PodsBody),
+        (status = 400, description = "Invalid namespace or pod name", body = ErrorBody),
+        (status = 404, description = "No such namespace (among those watched) or pod, or the pod belongs to no Deployment", body = ErrorBody),
+        (status = 501, description = "Kubernetes features are off", body = ErrorBody),
+        (status = 503, description = "The caches have not synced yet", body = ErrorBody),
+    ))]
+async fn pods_of_pod(
+    State(state): State<HttpState>,
+    Path((namespace, pod)): Path<(String, String)>,
+) -> Result<Json<PodsBody>, ApiError> {
+    let items = state.service.pods(&namespace, "", &pod).await?;
+    Ok(Json(PodsBody { items }))
 }
 
 #[utoipa::path(get, path = "/livez", tag = "operations",

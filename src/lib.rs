@@ -6,6 +6,7 @@
 //! * [`lease`] — the lease engine: the rules of leadership as pure functions;
 //! * [`store`] — lease stores, which apply those rules atomically and announce changes;
 //! * [`election`] — the service every adapter calls: validation, metrics, Observe streams;
+//! * [`discovery`] — Kubernetes watch caches behind `GetPods`;
 //! * [`grpc`], [`http`] — thin adapters for the wire protocols;
 //! * [`config`], [`metrics`], [`server`] — configuration, Prometheus metrics, process wiring;
 //! * [`client`] — the command-line gRPC client.
@@ -14,6 +15,7 @@
 
 pub mod client;
 pub mod config;
+pub mod discovery;
 pub mod election;
 pub mod grpc;
 pub mod http;

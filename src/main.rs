@@ -134,11 +134,6 @@ async fn serve(args: ServeArgs) -> ExitCode {
             "ignoring an EA_* variable that this agent does not use"
         );
     }
-    if config.kube_enabled {
-        tracing::warn!(
-            "EA_KUBE_ENABLE=true, but Kubernetes discovery is not part of this agent yet: GetPods answers UNIMPLEMENTED"
-        );
-    }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         name = %config.name,

@@ -21,6 +21,7 @@ use tonic_health::{
 
 use crate::{
     config::{Config, StoreMode},
+    discovery::{Discovery, DiscoveryError},
     election::ElectionService,
     grpc::{self, ElectionGrpc},
     http,
@@ -76,6 +77,9 @@ pub enum ServerError {
     /// The Redis URLs cannot be used.
     #[error(transparent)]
     Endpoints(#[from] EndpointError),
+    /// Kubernetes discovery could not start.
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
     /// A server failed while serving.
     #[error("{what} server failed: {message}")]
     Serve {
@@ -120,7 +124,12 @@ pub async fn start(config: &Config) -> Result<RunningAgent, ServerError> {
         config.request_duration_buckets.clone(),
     )?);
     let store = store(config, &metrics)?;
-    let service = ElectionService::new(store, config.terms, metrics, shutdown.clone());
+    let discovery = if config.kube_enabled {
+        Some(Discovery::start(config.kube_in_cluster, &config.kube_namespaces).await?)
+    } else {
+        None
+    };
+    let service = ElectionService::new(store, discovery, config.terms, metrics, shutdown.clone());
     let (reporter, _) = tonic_health::server::health_reporter();
     let health_service = HealthServer::new(DrainingHealth {
         inner: HealthService::from_health_reporter(reporter.clone()),
@@ -435,6 +444,7 @@ mod tests {
             .flag("EA_HTTP_PORT", "0")
             .flag("EA_REDIS_URLS", redis.url())
             .flag("EA_REDIS_OPERATION_TIMEOUT", "500ms")
+            .flag("EA_KUBE_ENABLE", "false")
             .resolve()
             .unwrap();
         let agent = start(&config).await.unwrap();

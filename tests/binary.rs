@@ -155,6 +155,7 @@ async fn the_client_prints_json_and_fails_with_the_grpc_code() {
             .flag("EA_GRPC_PORT", "0")
             .flag("EA_HTTP_ENABLE", "false")
             .flag("EA_METRIC_ENABLE", "false")
+            .flag("EA_KUBE_ENABLE", "false")
             .resolve()
             .unwrap(),
     )

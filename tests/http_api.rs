@@ -31,6 +31,7 @@ const TERM: i64 = 60_000;
 fn service() -> ElectionService {
     ElectionService::new(
         Store::Memory(MemoryStore::new()),
+        None,
         TermBounds::default(),
         Arc::new(Metrics::new("test", vec![0.1, 1.0]).unwrap()),
         CancellationToken::new(),
@@ -967,6 +968,7 @@ async fn readyz_is_503_once_the_agent_shuts_down() {
     let shutdown = CancellationToken::new();
     let service = ElectionService::new(
         Store::Memory(MemoryStore::new()),
+        None,
         TermBounds::default(),
         Arc::new(Metrics::new("test", vec![0.1, 1.0]).unwrap()),
         shutdown.clone(),
@@ -1202,6 +1204,7 @@ fn path_param(name: &str) -> &'static str {
         "name" => "e",
         "namespace" => "ns",
         "deployment" => "dep",
+        "pod" => "dep-1",
         other => panic!("no test value for path parameter {{{other}}}; add one to path_param"),
     }
 }

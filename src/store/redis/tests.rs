@@ -542,6 +542,7 @@ async fn observe_reports_an_expiry_that_no_request_caused() {
     let server = RedisServer::start().await;
     let service = ElectionService::new(
         crate::store::Store::Redis(single(std::slice::from_ref(&server)).0),
+        None,
         crate::lease::TermBounds::default(),
         std::sync::Arc::new(crate::metrics::Metrics::new("test", vec![1.0]).unwrap()),
         tokio_util::sync::CancellationToken::new(),

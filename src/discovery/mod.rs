@@ -1,0 +1,354 @@
+//! Kubernetes discovery: `GetPods` answered from watch caches, with no API call per request.
+//!
+//! Reflectors (kube-runtime watchers feeding reflector stores) keep Pods, ReplicaSets and
+//! Deployments in memory — cluster-wide, or for the namespaces of `EA_KUBE_NAMESPACES` — and
+//! [`mapping`] turns them into the wire contract's `Pod` messages. The caches are shared by
+//! everything in the process that needs them (the controller will read the same stores).
+
+pub mod mapping;
+
+use std::{
+    collections::BTreeMap,
+    fmt::Debug,
+    hash::Hash,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use futures::{StreamExt, future::join_all};
+use k8s_openapi::api::{
+    apps::v1::{Deployment, ReplicaSet},
+    core::v1::Pod,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::task::JoinHandle;
+
+use self::mapping::{PodInfo, controlling_deployment, controlling_replica_set, deployment_pods};
+use crate::lease::InvalidArgument;
+
+/// Why pods could not be listed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// A request field is invalid; the message names it.
+    #[error(transparent)]
+    InvalidArgument(#[from] InvalidArgument),
+    /// The caches have not been filled yet.
+    #[error("the Kubernetes caches have not synced yet; try again shortly")]
+    NotSynced,
+    /// The namespace is outside `EA_KUBE_NAMESPACES`.
+    #[error("namespace {0} is not watched by this agent (EA_KUBE_NAMESPACES)")]
+    NamespaceNotWatched(String),
+    /// No such Deployment.
+    #[error("deployment {namespace}/{name} not found")]
+    DeploymentNotFound {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+    /// No such pod.
+    #[error("pod {namespace}/{name} not found")]
+    PodNotFound {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+    /// The pod is not part of a Deployment.
+    #[error("pod {namespace}/{name} does not belong to a Deployment")]
+    NotInDeployment {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+    /// The Kubernetes client could not be set up.
+    #[error("cannot connect to Kubernetes: {0}; set EA_KUBE_ENABLE=false to run without it")]
+    Client(String),
+}
+
+/// The reflector stores of one scope (the whole cluster, or one namespace).
+#[derive(Clone)]
+pub struct Caches {
+    /// Pods.
+    pub pods: Store<Pod>,
+    /// ReplicaSets.
+    pub replica_sets: Store<ReplicaSet>,
+    /// Deployments.
+    pub deployments: Store<Deployment>,
+}
+
+/// Which caches hold a namespace's objects.
+enum Scope {
+    /// One set of caches for the whole cluster.
+    Cluster(Caches),
+    /// One set per watched namespace.
+    Namespaces(BTreeMap<String, Caches>),
+}
+
+/// Discovery over watch caches; see the module documentation.
+pub struct Discovery {
+    scope: Scope,
+    synced: Arc<AtomicBool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Discovery {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Discovery {
+    /// Connects to Kubernetes (the in-cluster service account, or `KUBECONFIG` /
+    /// `~/.kube/config`) and starts watching `namespaces` (all when empty).
+    pub async fn start(in_cluster: bool, namespaces: &[String]) -> Result<Self, DiscoveryError> {
+        let config = if in_cluster {
+            kube::Config::incluster().map_err(|err| DiscoveryError::Client(err.to_string()))?
+        } else {
+            kube::Config::from_kubeconfig(&kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|err| DiscoveryError::Client(err.to_string()))?
+        };
+        let client =
+            Client::try_from(config).map_err(|err| DiscoveryError::Client(err.to_string()))?;
+        let mut tasks = Vec::new();
+        let mut watch_scope = |namespace: Option<&str>| {
+            let (pods, pod_task) = watch::<Pod>(api(&client, namespace));
+            let (replica_sets, rs_task) = watch::<ReplicaSet>(api(&client, namespace));
+            let (deployments, deployment_task) = watch::<Deployment>(api(&client, namespace));
+            tasks.extend([pod_task, rs_task, deployment_task]);
+            Caches {
+                pods,
+                replica_sets,
+                deployments,
+            }
+        };
+        let scope = if namespaces.is_empty() {
+            Scope::Cluster(watch_scope(None))
+        } else {
+            Scope::Namespaces(
+                namespaces
+                    .iter()
+                    .map(|ns| (ns.clone(), watch_scope(Some(ns))))
+                    .collect(),
+            )
+        };
+        Ok(Self::watching(scope, tasks))
+    }
+
+    /// Discovery over caches filled by someone else (tests, or a caller with its own watchers):
+    /// one set for the whole cluster.
+    pub fn from_caches(caches: Caches) -> Self {
+        Self::watching(Scope::Cluster(caches), Vec::new())
+    }
+
+    fn watching(scope: Scope, mut tasks: Vec<JoinHandle<()>>) -> Self {
+        let synced = Arc::new(AtomicBool::new(false));
+        let all: Vec<Caches> = match &scope {
+            Scope::Cluster(caches) => vec![caches.clone()],
+            Scope::Namespaces(by_namespace) => by_namespace.values().cloned().collect(),
+        };
+        let flag = synced.clone();
+        tasks.push(tokio::spawn(async move {
+            let waits = all.iter().map(|c| async {
+                c.pods.wait_until_ready().await.is_ok()
+                    && c.replica_sets.wait_until_ready().await.is_ok()
+                    && c.deployments.wait_until_ready().await.is_ok()
+            });
+            if join_all(waits).await.into_iter().all(|synced| synced) {
+                tracing::info!("Kubernetes caches synced");
+                flag.store(true, Ordering::Release);
+            }
+        }));
+        Self {
+            scope,
+            synced,
+            tasks,
+        }
+    }
+
+    /// Whether every cache has been filled once.
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    fn caches(&self, namespace: &str) -> Result<&Caches, DiscoveryError> {
+        match &self.scope {
+            Scope::Cluster(caches) => Ok(caches),
+            Scope::Namespaces(by_namespace) => by_namespace
+                .get(namespace)
+                .ok_or_else(|| DiscoveryError::NamespaceNotWatched(namespace.to_owned())),
+        }
+    }
+
+    /// The pods of Deployment `deployment` in `namespace` — or, when `pod_name` is set, of the
+    /// Deployment owning that pod — from the caches.
+    pub fn pods(
+        &self,
+        namespace: &str,
+        deployment: &str,
+        pod_name: &str,
+    ) -> Result<Vec<PodInfo>, DiscoveryError> {
+        object_name("namespace", namespace)?;
+        if pod_name.is_empty() {
+            object_name("deployment", deployment)?;
+        } else {
+            object_name("pod_name", pod_name)?;
+        }
+        if !self.synced() {
+            return Err(DiscoveryError::NotSynced);
+        }
+        let caches = self.caches(namespace)?;
+        let replica_sets = caches
+            .replica_sets
+            .state_filter(|rs| rs.metadata.namespace.as_deref() == Some(namespace));
+        let deployment = if pod_name.is_empty() {
+            deployment.to_owned()
+        } else {
+            let pod = caches
+                .pods
+                .get(&ObjectRef::new(pod_name).within(namespace))
+                .ok_or_else(|| DiscoveryError::PodNotFound {
+                    namespace: namespace.to_owned(),
+                    name: pod_name.to_owned(),
+                })?;
+            controlling_replica_set(&pod, &replica_sets)
+                .and_then(|rs| controlling_deployment(rs).map(str::to_owned))
+                .ok_or_else(|| DiscoveryError::NotInDeployment {
+                    namespace: namespace.to_owned(),
+                    name: pod_name.to_owned(),
+                })?
+        };
+        let found = caches
+            .deployments
+            .get(&ObjectRef::new(&deployment).within(namespace))
+            .ok_or_else(|| DiscoveryError::DeploymentNotFound {
+                namespace: namespace.to_owned(),
+                name: deployment.clone(),
+            })?;
+        let pods = caches
+            .pods
+            .state_filter(|pod| pod.metadata.namespace.as_deref() == Some(namespace));
+        Ok(deployment_pods(&found, &replica_sets, &pods))
+    }
+}
+
+/// Checks a Kubernetes object name given in the request field `field` (a DNS subdomain: at most
+/// 253 characters of lower-case letters, digits, `-` and `.`).
+fn object_name(field: &'static str, value: &str) -> Result<(), InvalidArgument> {
+    let valid = !value.is_empty()
+        && value.len() <= 253
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    if valid {
+        Ok(())
+    } else {
+        Err(InvalidArgument {
+            field,
+            reason: format!(
+                "{value:?} is not a Kubernetes object name (1..253 lower-case letters, digits, '-' and '.')"
+            ),
+        })
+    }
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// A reflector store of `api`'s objects and the task that keeps it filled (retrying with
+/// backoff on errors, never giving up).
+fn watch<K>(api: Api<K>) -> (Store<K>, JoinHandle<()>)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    let task = tokio::spawn(async move {
+        let events = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(|object| object.managed_fields_mut().clear())
+            .reflect(writer)
+            .applied_objects();
+        futures::pin_mut!(events);
+        while let Some(event) = events.next().await {
+            if let Err(err) = event {
+                tracing::warn!(kind = %K::kind(&K::DynamicType::default()), error = %err, "Kubernetes watch failed; retrying");
+            }
+        }
+    });
+    (store, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::watcher::Event;
+
+    use super::*;
+
+    fn empty_caches() -> (Caches, impl FnOnce()) {
+        let (pods, mut pod_writer) = reflector::store::<Pod>();
+        let (replica_sets, mut rs_writer) = reflector::store::<ReplicaSet>();
+        let (deployments, mut deployment_writer) = reflector::store::<Deployment>();
+        let sync = move || {
+            pod_writer.apply_watcher_event(&Event::InitDone);
+            rs_writer.apply_watcher_event(&Event::InitDone);
+            deployment_writer.apply_watcher_event(&Event::InitDone);
+        };
+        (
+            Caches {
+                pods,
+                replica_sets,
+                deployments,
+            },
+            sync,
+        )
+    }
+
+    #[tokio::test]
+    async fn lookups_wait_for_the_caches_and_name_what_is_missing() {
+        let (caches, sync) = empty_caches();
+        let discovery = Discovery::from_caches(caches);
+        assert!(matches!(
+            discovery.pods("ns", "web", ""),
+            Err(DiscoveryError::NotSynced)
+        ));
+        sync();
+        tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            while !discovery.synced() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("synced");
+        let err = discovery.pods("ns", "web", "").unwrap_err();
+        assert_eq!(err.to_string(), "deployment ns/web not found");
+        let err = discovery.pods("ns", "", "web-1").unwrap_err();
+        assert_eq!(err.to_string(), "pod ns/web-1 not found");
+        let err = discovery.pods("", "web", "").unwrap_err();
+        assert!(err.to_string().starts_with("invalid namespace"), "{err}");
+        let err = discovery.pods("ns", "Web*", "").unwrap_err();
+        assert!(err.to_string().starts_with("invalid deployment"), "{err}");
+    }
+}
