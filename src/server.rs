@@ -116,19 +116,36 @@ fn store(config: &Config, metrics: &Metrics) -> Result<Store, ServerError> {
     }
 }
 
-/// Starts the agent: binds every enabled listener and serves until shut down.
+/// Starts the agent: binds every enabled listener and serves until shut down. With
+/// `EA_KUBE_ENABLE`, it connects to Kubernetes and starts watching first.
 pub async fn start(config: &Config) -> Result<RunningAgent, ServerError> {
+    let discovery = if config.kube_enabled {
+        Some(Discovery::start(config.kube_in_cluster, &config.kube_namespaces).await?)
+    } else {
+        None
+    };
+    start_with(config, discovery).await
+}
+
+/// Starts the agent over the given discovery instead of connecting to Kubernetes as
+/// `EA_KUBE_*` say — for tests and benchmarks over caches of their own.
+pub async fn start_with_discovery(
+    config: &Config,
+    discovery: Discovery,
+) -> Result<RunningAgent, ServerError> {
+    start_with(config, Some(discovery)).await
+}
+
+async fn start_with(
+    config: &Config,
+    discovery: Option<Discovery>,
+) -> Result<RunningAgent, ServerError> {
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new(
         &config.name,
         config.request_duration_buckets.clone(),
     )?);
     let store = store(config, &metrics)?;
-    let discovery = if config.kube_enabled {
-        Some(Discovery::start(config.kube_in_cluster, &config.kube_namespaces).await?)
-    } else {
-        None
-    };
     let service = ElectionService::new(store, discovery, config.terms, metrics, shutdown.clone());
     let (reporter, _) = tonic_health::server::health_reporter();
     let health_service = HealthServer::new(DrainingHealth {
@@ -300,8 +317,8 @@ fn flatten(
     })
 }
 
-/// Keeps the readiness health names at SERVING while the lease store can serve, NOT_SERVING
-/// while it cannot, until shutdown.
+/// Keeps the readiness health names at SERVING while the agent is ready (lease store reachable,
+/// Kubernetes caches synced once), NOT_SERVING while it is not, until shutdown.
 async fn follow_readiness(
     service: ElectionService,
     health: HealthState,
@@ -314,10 +331,10 @@ async fn follow_readiness(
         if ready.is_ok() != serving && !shutdown.is_cancelled() {
             serving = ready.is_ok();
             let status = if serving {
-                tracing::info!("lease store available: ready");
+                tracing::info!("ready");
                 tonic_health::ServingStatus::Serving
             } else {
-                tracing::warn!(error = %ready.err().map(|e| e.to_string()).unwrap_or_default(), "lease store unavailable: not ready");
+                tracing::warn!(error = %ready.err().map(|e| e.to_string()).unwrap_or_default(), "not ready");
                 tonic_health::ServingStatus::NotServing
             };
             for name in READINESS_NAMES {

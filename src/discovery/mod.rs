@@ -17,7 +17,7 @@ use std::{
     },
 };
 
-use futures::{StreamExt, future::join_all};
+use futures::{FutureExt, StreamExt, future::join_all};
 use k8s_openapi::api::{
     apps::v1::{Deployment, ReplicaSet},
     core::v1::Pod,
@@ -86,6 +86,37 @@ pub struct Caches {
     pub replica_sets: Store<ReplicaSet>,
     /// Deployments.
     pub deployments: Store<Deployment>,
+}
+
+impl Caches {
+    /// Caches already filled with these objects and marked synced — for tests and benchmarks
+    /// that answer `GetPods` without a cluster.
+    pub fn from_objects(
+        pods: impl IntoIterator<Item = Pod>,
+        replica_sets: impl IntoIterator<Item = ReplicaSet>,
+        deployments: impl IntoIterator<Item = Deployment>,
+    ) -> Self {
+        Self {
+            pods: filled(pods),
+            replica_sets: filled(replica_sets),
+            deployments: filled(deployments),
+        }
+    }
+}
+
+/// A reflector store holding `objects`, as after a watcher's initial list.
+fn filled<K>(objects: impl IntoIterator<Item = K>) -> Store<K>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    let (store, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for object in objects {
+        writer.apply_watcher_event(&watcher::Event::InitApply(object));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    store
 }
 
 /// Which caches hold a namespace's objects.
@@ -162,7 +193,7 @@ impl Discovery {
             Scope::Namespaces(by_namespace) => by_namespace.values().cloned().collect(),
         };
         let flag = synced.clone();
-        tasks.push(tokio::spawn(async move {
+        let all_synced = async move {
             let waits = all.iter().map(|c| async {
                 c.pods.wait_until_ready().await.is_ok()
                     && c.replica_sets.wait_until_ready().await.is_ok()
@@ -172,7 +203,12 @@ impl Discovery {
                 tracing::info!("Kubernetes caches synced");
                 flag.store(true, Ordering::Release);
             }
-        }));
+        };
+        // Caches that are filled already count as synced at once; others once they are.
+        let mut all_synced = Box::pin(all_synced);
+        if (&mut all_synced).now_or_never().is_none() {
+            tasks.push(tokio::spawn(all_synced));
+        }
         Self {
             scope,
             synced,
