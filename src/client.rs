@@ -6,7 +6,10 @@
 use futures::StreamExt;
 use serde_json::json;
 
-use crate::grpc::pb::{self, election_client::ElectionClient};
+use crate::{
+    discovery::mapping::{PodInfo, PodStatusInfo, ReplicaSetInfo},
+    grpc::pb::{self, election_client::ElectionClient},
+};
 
 /// Options of `election-agent client`.
 #[derive(Debug, clap::Args)]
@@ -79,6 +82,17 @@ pub enum ClientCommand {
     },
     /// Print the leaders of every election of the kind.
     Leaders,
+    /// Print the pods of DEPLOYMENT in NAMESPACE, or of the Deployment owning --pod-name.
+    Pods {
+        /// The Kubernetes namespace.
+        namespace: String,
+        /// The Deployment (not needed with --pod-name).
+        #[arg(required_unless_present = "pod_name")]
+        deployment: Option<String>,
+        /// A pod: list the pods of the Deployment it belongs to (wins over DEPLOYMENT).
+        #[arg(long)]
+        pod_name: Option<String>,
+    },
     /// Print the current leader, then every change, one line each.
     Observe {
         /// Election name.
@@ -197,6 +211,22 @@ pub async fn run(args: ClientArgs) -> Result<(), ClientError> {
                 .collect();
             json!({"leaders": leaders})
         }
+        ClientCommand::Pods {
+            namespace,
+            deployment,
+            pod_name,
+        } => {
+            let r = client
+                .get_pods(pb::GetPodsRequest {
+                    namespace,
+                    deployment: deployment.unwrap_or_default(),
+                    pod_name: pod_name.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            let items: Vec<PodInfo> = r.items.into_iter().map(pod_info).collect();
+            json!({ "items": items })
+        }
         ClientCommand::Observe { election, count } => {
             let mut events = client
                 .observe(pb::ObserveRequest { election, kind })
@@ -222,4 +252,34 @@ pub async fn run(args: ClientArgs) -> Result<(), ClientError> {
     };
     println!("{output}");
     Ok(())
+}
+
+/// A `Pod` message as the REST API shows it (same field names, every field present).
+fn pod_info(pod: pb::Pod) -> PodInfo {
+    let status = pod.status.unwrap_or_default();
+    let rs = pod.replica_set.unwrap_or_default();
+    PodInfo {
+        name: pod.name,
+        deployment: pod.deployment,
+        ip: pod.ip,
+        status: PodStatusInfo {
+            phase: status.phase,
+            reason: status.reason,
+            terminating: status.terminating,
+            pod_scheduled: status.pod_scheduled,
+            pod_initialized: status.pod_initialized,
+            pod_ready: status.pod_ready,
+            containers_ready: status.containers_ready,
+        },
+        replica_set: ReplicaSetInfo {
+            name: rs.name,
+            revision: rs.revision,
+            available_replicas: rs.available_replicas,
+            fully_labeled_replicas: rs.fully_labeled_replicas,
+            ready_replicas: rs.ready_replicas,
+            replicas: rs.replicas,
+            desired_replicas: rs.desired_replicas,
+            max_replicas: rs.max_replicas,
+        },
+    }
 }

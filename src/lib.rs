@@ -9,10 +9,11 @@
 //! * [`discovery`] — Kubernetes watch caches behind `GetPods`;
 //! * [`grpc`], [`http`] — thin adapters for the wire protocols;
 //! * [`config`], [`metrics`], [`server`] — configuration, Prometheus metrics, process wiring;
-//! * [`client`] — the command-line gRPC client.
+//! * [`client`], [`bench`] — the command-line gRPC client and the load generator.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod discovery;

@@ -1,10 +1,11 @@
-//! The `election-agent` binary: runs the agent (default), prints the OpenAPI document, or acts as
-//! a gRPC client.
+//! The `election-agent` binary: runs the agent (default), prints the OpenAPI document, acts as
+//! a gRPC client, or benchmarks an agent.
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Arg, ArgMatches, Args, FromArgMatches, Parser, Subcommand};
 use election_agent::{
+    bench::{self, BenchArgs},
     client::{self, ClientArgs},
     config::{Config, ConfigError, Environment, SETTINGS, Sources},
     http, server,
@@ -32,6 +33,8 @@ enum Command {
     Openapi,
     /// Call an agent's gRPC API.
     Client(ClientArgs),
+    /// Measure an agent: requests/s, latency and errors under load.
+    Bench(BenchArgs),
 }
 
 #[derive(Args)]
@@ -97,6 +100,13 @@ async fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => fail(&err),
         },
+        Some(Command::Bench(args)) => {
+            let json = args.target.json();
+            match bench::run(args).await.and_then(|r| bench::print(&r, json)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => fail(&err),
+            }
+        }
         Some(Command::Serve(args)) => serve(args).await,
         None => serve(cli.serve).await,
     }
