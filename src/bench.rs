@@ -248,6 +248,12 @@ struct ClientResult {
     errors: BTreeMap<String, u64>,
 }
 
+/// Microseconds from 1 µs to 10 minutes, 3 significant digits (slower requests count as 10
+/// minutes).
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
 /// Times requests and counts their failures, for one client.
 struct Recorder {
     result: ClientResult,
@@ -258,8 +264,7 @@ impl Recorder {
     fn new(done: Arc<AtomicU64>) -> Self {
         Self {
             result: ClientResult {
-                // Microseconds, 3 significant digits, growing as needed.
-                latencies: Histogram::new(3).expect("3 significant digits are supported"),
+                latencies: latency_histogram(),
                 errors: BTreeMap::new(),
             },
             done,
@@ -300,7 +305,7 @@ where
     let tasks: Vec<_> = (0..load.clients)
         .map(|index| tokio::spawn(client(index, Recorder::new(done.clone()))))
         .collect();
-    let mut latencies = Histogram::<u64>::new(3).expect("3 significant digits are supported");
+    let mut latencies = latency_histogram();
     let mut errors_by_kind = BTreeMap::new();
     for task in tasks {
         match task.await {
@@ -792,6 +797,16 @@ mod tests {
         assert_eq!(pods[0].replica_set.revision, 1);
         let by_pod = discovery.pods("ns", "", &pods[3].name).unwrap();
         assert_eq!(by_pod, pods);
+    }
+
+    #[test]
+    fn latencies_of_milliseconds_and_minutes_are_kept_to_three_digits() {
+        let mut latencies = latency_histogram();
+        for micros in [2_500, 3_000, 3_000, 120_000_000] {
+            latencies.saturating_record(micros);
+        }
+        assert!(latencies.value_at_quantile(0.5).abs_diff(3_000) <= 3);
+        assert!(latencies.max().abs_diff(120_000_000) < 120_000);
     }
 
     #[test]

@@ -57,7 +57,8 @@ impl ClusterRouter {
         if let Some(client) = self.lookup(key) {
             return Ok(client);
         }
-        self.refresh().await?;
+        // Boxed: connecting is rare and its future large; inline, every command would carry it.
+        Box::pin(self.refresh()).await?;
         self.lookup(key)
             .ok_or_else(|| "no master serves the slot".to_owned())
     }
@@ -81,7 +82,7 @@ impl ClusterRouter {
     /// A client for every master.
     pub(crate) async fn masters(&self) -> Result<Vec<Client>, String> {
         if self.routing().ranges.is_empty() {
-            self.refresh().await?;
+            Box::pin(self.refresh()).await?;
         }
         Ok(self.routing().clients.values().cloned().collect())
     }

@@ -135,7 +135,9 @@ impl Node {
         if let Some(client) = cached() {
             return Ok(client);
         }
-        let connected = Client::connect(config.clone())
+        // Boxed: `rustis`' connect future is tens of KiB; inline, every command's future would
+        // carry (and copy) it although it runs only when (re)connecting.
+        let connected = Box::pin(Client::connect(config.clone()))
             .await
             .map_err(|err| self.error("cannot connect", err))?;
         *client
@@ -294,10 +296,14 @@ async fn run<R: DeserializeOwned>(
             result => return result,
         }
     }
-    let sha: String = client.script_load(script.text).await?;
-    let reply = client.evalsha::<R>(sha.as_str(), key, args).await;
-    let _ = script.sha.set(sha);
-    reply
+    // Boxed: the first call and NOSCRIPT are rare; the common path stays small.
+    Box::pin(async {
+        let sha: String = client.script_load(script.text).await?;
+        let reply = client.evalsha::<R>(sha.as_str(), key, args).await;
+        let _ = script.sha.set(sha);
+        reply
+    })
+    .await
 }
 
 async fn scan(client: &Client, pattern: &str) -> Result<Vec<String>, rustis::Error> {

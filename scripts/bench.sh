@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Measures the agent against the targets of its performance issue, on this machine, and prints
+# each figure next to its target — as a ratio to what Redis itself does with the agent's own Lua
+# script, so the figures mean the same on any machine.
+#
+#   bash scripts/bench.sh            # full run (a few minutes)
+#   ITERATIONS=200 bash scripts/bench.sh
+#
+# It builds the release binary, starts its own Redis servers (one single, three for Redlock) and
+# agents on free loopback ports, and stops all of them on exit. Needs redis-server,
+# redis-benchmark, redis-cli, jq and curl (installed from Debian's packages when missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CLIENTS=${CLIENTS:-100}          # clients of every benchmark (the issue's figure)
+ITERATIONS=${ITERATIONS:-300}    # per client: 1 + 2 x ITERATIONS requests
+MANY_CLIENTS=${MANY_CLIENTS:-3000}
+POD_ITERATIONS=${POD_ITERATIONS:-2000}
+REDIS_REQUESTS=${REDIS_REQUESTS:-300000}
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+missing=()
+for tool in redis-server redis-benchmark redis-cli jq curl; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  step "installing ${missing[*]}"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools jq curl
+  $sudo service redis-server stop >/dev/null 2>&1 || true
+fi
+
+# 3000 clients hold 3000 connections, on each side.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+step "building the release binary"
+cargo build --release --locked --quiet
+AGENT=./target/release/election-agent
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+# A loopback port nobody listens on.
+free_port() {
+  local port
+  while :; do
+    port=$((20000 + RANDOM % 30000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "$port"
+      return
+    fi
+  done
+}
+
+# start_redis VAR: starts a Redis server and stores its port in VAR.
+start_redis() {
+  local port
+  port=$(free_port)
+  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
+    --dir "$WORK" --logfile "$WORK/redis-$port.log" </dev/null >/dev/null 2>&1 &
+  PIDS+=($!)
+  until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.05; done
+  printf -v "$1" '%s' "$port"
+}
+
+# start_agent NAME REDIS_URLS: starts an agent, sets AGENT_PID, GRPC and HTTP.
+start_agent() {
+  GRPC=$(free_port)
+  HTTP=$(free_port)
+  env -i PATH="$PATH" EA_ENV=production EA_LOG_LEVEL=warning EA_NAME="$1" \
+    EA_BIND_ADDRESS=127.0.0.1 EA_GRPC_PORT="$GRPC" EA_HTTP_PORT="$HTTP" EA_KUBE_ENABLE=false \
+    EA_REDIS_URLS="$2" "$AGENT" </dev/null >"$WORK/agent-$1.log" 2>&1 &
+  AGENT_PID=$!
+  PIDS+=("$AGENT_PID")
+  until curl -sf "http://127.0.0.1:$HTTP/readyz" >/dev/null 2>&1; do
+    kill -0 "$AGENT_PID" 2>/dev/null || { cat "$WORK/agent-$1.log" >&2; exit 1; }
+    sleep 0.1
+  done
+}
+
+rss_mib() { awk '/^VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
+
+# bench ARGS...: runs the agent benchmark, shows its text report on stderr, prints its JSON.
+bench() {
+  local json
+  json=$("$AGENT" bench "$@" --json)
+  jq -r '"    \(.benchmark): \(.requests) requests, \(.requests_per_second | floor) requests/s, p50 \(.latency_ms.p50) ms, p90 \(.latency_ms.p90) ms, p99 \(.latency_ms.p99) ms, max \(.latency_ms.max) ms, errors \(.errors) \(.errors_by_kind)"' <<<"$json" >&2
+  echo "$json"
+}
+
+step "Redis: one server, and three for Redlock"
+start_redis SINGLE
+start_redis R1; start_redis R2; start_redis R3
+
+step "redis-benchmark: EVALSHA of the agent's campaign script (src/store/redis/lease.lua), $CLIENTS clients"
+SHA=$(redis-cli -p "$SINGLE" script load "$(cat src/store/redis/lease.lua)")
+# Same shape as the agent's call: one key [prefix]/lease/[kind]/[election], then command,
+# candidate, term. The holder campaigns again (a renewal: the script's write path) on one of
+# $CLIENTS elections.
+redis-benchmark -p "$SINGLE" -c "$CLIENTS" -n "$REDIS_REQUESTS" -r "$CLIENTS" --csv \
+  evalsha "$SHA" 1 "ela/lease/bench/redis-benchmark-__rand_int__" campaign holder 10000 \
+  >"$WORK/redis-benchmark.csv"
+REDIS_RPS=$(awk -F'"' 'NR == 2 { printf "%d", $4 }' "$WORK/redis-benchmark.csv")
+echo "    redis-benchmark EVALSHA: $REDIS_RPS requests/s" >&2
+redis-cli -p "$SINGLE" flushall >/dev/null
+
+step "agent on one Redis server"
+start_agent single "redis://127.0.0.1:$SINGLE"
+sleep 1
+IDLE_RSS=$(rss_mib "$AGENT_PID")
+echo "    idle RSS: $IDLE_RSS MiB" >&2
+GRPC_SINGLE=$(bench grpc --address "http://127.0.0.1:$GRPC" -c "$CLIENTS" -i "$ITERATIONS")
+HTTP_SINGLE=$(bench http --address "http://127.0.0.1:$HTTP" -c "$CLIENTS" -i "$ITERATIONS")
+
+step "agent serving $MANY_CLIENTS concurrent gRPC clients (one connection each)"
+"$AGENT" bench grpc --address "http://127.0.0.1:$GRPC" -c "$MANY_CLIENTS" -i 20 --json \
+  >"$WORK/many.json" &
+MANY_PID=$!
+PEAK_RSS=0
+while kill -0 "$MANY_PID" 2>/dev/null; do
+  PEAK_RSS=$(awk -v a="$PEAK_RSS" -v b="$(rss_mib "$AGENT_PID")" 'BEGIN { print (b > a ? b : a) }')
+  sleep 0.1
+done
+wait "$MANY_PID"
+jq -r '"    \(.clients) clients: \(.requests) requests, \(.requests_per_second | floor) requests/s, p99 \(.latency_ms.p99) ms, errors \(.errors)"' "$WORK/many.json" >&2
+echo "    peak RSS: $PEAK_RSS MiB" >&2
+kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
+
+step "agent on three Redis servers (Redlock)"
+start_agent redlock "redis://127.0.0.1:$R1,redis://127.0.0.1:$R2,redis://127.0.0.1:$R3"
+GRPC_REDLOCK=$(bench grpc --address "http://127.0.0.1:$GRPC" -c "$CLIENTS" -i "$ITERATIONS")
+HTTP_REDLOCK=$(bench http --address "http://127.0.0.1:$HTTP" -c "$CLIENTS" -i "$ITERATIONS")
+kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
+
+step "GetPods from the caches: a 50-pod Deployment, $CLIENTS clients (in-process agent)"
+PODS=$(bench pods -c "$CLIENTS" -i "$POD_ITERATIONS" --pods 50)
+
+rps() { jq -r '.requests_per_second | floor' <<<"$1"; }
+p99() { jq -r '.latency_ms.p99' <<<"$1"; }
+errors() { jq -r '.errors' <<<"$1"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+verdict() { awk -v v="$1" -v t="$2" -v dir="$3" 'BEGIN { ok = (dir == "min") ? v >= t : v <= t; print ok ? "met" : "NOT met" }'; }
+
+row() { printf '%-34s %-26s %-18s %s\n' "$@"; }
+echo
+echo "Results ($(nproc) cores; Redis, agent and load generator on this machine; $CLIENTS clients)"
+row "measure" "figure" "target" "verdict"
+row "redis-benchmark EVALSHA" "$REDIS_RPS req/s" "(baseline)" ""
+for mode in single redlock; do
+  if [ "$mode" = single ]; then g=$GRPC_SINGLE h=$HTTP_SINGLE min=0.5; else g=$GRPC_REDLOCK h=$HTTP_REDLOCK min=0.3; fi
+  r=$(ratio "$(rps "$g")" "$REDIS_RPS")
+  row "gRPC $mode" "$(rps "$g") req/s = $r x" ">= $min x redis" "$(verdict "$r" "$min" min)"
+  r=$(ratio "$(rps "$h")" "$(rps "$g")")
+  row "HTTP $mode" "$(rps "$h") req/s = $r x gRPC" ">= 0.8 x gRPC" "$(verdict "$r" 0.8 min)"
+done
+row "gRPC single p99" "$(p99 "$GRPC_SINGLE") ms" "<= 5 ms" "$(verdict "$(p99 "$GRPC_SINGLE")" 5 max)"
+row "GetPods (50 pods)" "$(rps "$PODS") req/s" ">= 20000 req/s" "$(verdict "$(rps "$PODS")" 20000 min)"
+row "RSS idle" "$IDLE_RSS MiB" "<= 16 MiB" "$(verdict "$IDLE_RSS" 16 max)"
+row "RSS, $MANY_CLIENTS gRPC clients" "$PEAK_RSS MiB" "<= 64 MiB" "$(verdict "$PEAK_RSS" 64 max)"
+total_errors=0
+for j in "$GRPC_SINGLE" "$HTTP_SINGLE" "$GRPC_REDLOCK" "$HTTP_REDLOCK" "$PODS" "$(cat "$WORK/many.json")"; do
+  total_errors=$((total_errors + $(errors "$j")))
+done
+row "failed requests (all runs)" "$total_errors" "0" "$(verdict "$total_errors" 0 max)"
