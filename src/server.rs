@@ -7,6 +7,7 @@
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
+use axum::serve::ListenerExt;
 use futures::{Stream, StreamExt};
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_stream::wrappers::TcpListenerStream;
@@ -196,7 +197,7 @@ async fn start_with(
         servers.spawn(async move {
             router
                 .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(listener),
+                    TcpListenerStream::new(listener).map(|stream| stream.inspect(no_delay)),
                     stop.cancelled_owned(),
                 )
                 .await
@@ -221,7 +222,7 @@ async fn start_with(
         let router = http::router(service.clone(), config.metrics_enabled);
         let stop = shutdown.clone();
         servers.spawn(async move {
-            axum::serve(listener, router)
+            axum::serve(listener.tap_io(|stream| no_delay(stream)), router)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await
                 .map_err(|err| ServerError::Serve {
@@ -384,6 +385,16 @@ impl Health for DrainingHealth {
             tokio::time::sleep(HEALTH_WATCH_GRACE).await;
         };
         Ok(tonic::Response::new(Box::pin(statuses.take_until(closing))))
+    }
+}
+
+/// Turns Nagle's algorithm off on an accepted connection. Tonic ignores its own `tcp_nodelay`
+/// with an incoming stream, and axum does not set it: without this, a response of more than one
+/// segment waits for the client's delayed ACK (40 ms on Linux), which the benchmark showed as
+/// 45 ms latencies for GetPods.
+fn no_delay(stream: &tokio::net::TcpStream) {
+    if let Err(err) = stream.set_nodelay(true) {
+        tracing::debug!(error = %err, "cannot set TCP_NODELAY");
     }
 }
 
