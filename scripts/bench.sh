@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 CLIENTS=${CLIENTS:-100}          # clients of every benchmark (the issue's figure)
 ITERATIONS=${ITERATIONS:-300}    # per client: 1 + 2 x ITERATIONS requests
 MANY_CLIENTS=${MANY_CLIENTS:-3000}
+SHARED=${SHARED:-4}              # HTTP/2 connections shared by the clients in the multiplexed runs
 POD_ITERATIONS=${POD_ITERATIONS:-2000}
 REDIS_REQUESTS=${REDIS_REQUESTS:-300000}
 
@@ -118,25 +119,35 @@ sleep 1
 IDLE_RSS=$(rss_mib "$AGENT_PID")
 echo "    idle RSS: $IDLE_RSS MiB" >&2
 GRPC_SINGLE=$(bench grpc --address "http://127.0.0.1:$GRPC" -c "$CLIENTS" -i "$ITERATIONS")
+GRPC_SINGLE_MUX=$(bench grpc --address "http://127.0.0.1:$GRPC" -c "$CLIENTS" -i "$ITERATIONS" --connections "$SHARED")
 HTTP_SINGLE=$(bench http --address "http://127.0.0.1:$HTTP" -c "$CLIENTS" -i "$ITERATIONS")
-
-step "agent serving $MANY_CLIENTS concurrent gRPC clients (one connection each)"
-"$AGENT" bench grpc --address "http://127.0.0.1:$GRPC" -c "$MANY_CLIENTS" -i 20 --json \
-  >"$WORK/many.json" &
-MANY_PID=$!
-PEAK_RSS=0
-while kill -0 "$MANY_PID" 2>/dev/null; do
-  PEAK_RSS=$(awk -v a="$PEAK_RSS" -v b="$(rss_mib "$AGENT_PID")" 'BEGIN { print (b > a ? b : a) }')
-  sleep 0.1
-done
-wait "$MANY_PID"
-jq -r '"    \(.clients) clients: \(.requests) requests, \(.requests_per_second | floor) requests/s, p99 \(.latency_ms.p99) ms, errors \(.errors)"' "$WORK/many.json" >&2
-echo "    peak RSS: $PEAK_RSS MiB" >&2
 kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
+
+# many CONNECTIONS: peak RSS of a fresh agent while $MANY_CLIENTS gRPC clients share CONNECTIONS.
+many() {
+  start_agent "many-$1" "redis://127.0.0.1:$SINGLE"
+  "$AGENT" bench grpc --address "http://127.0.0.1:$GRPC" -c "$MANY_CLIENTS" -i 20 --connections "$1" \
+    --json >"$WORK/many-$1.json" &
+  local bench_pid=$! peak=0
+  while kill -0 "$bench_pid" 2>/dev/null; do
+    peak=$(awk -v a="$peak" -v b="$(rss_mib "$AGENT_PID")" 'BEGIN { print (b > a ? b : a) }')
+    sleep 0.1
+  done
+  wait "$bench_pid"
+  jq -r '"    \(.clients) clients over \(.connections) connections: \(.requests) requests, \(.requests_per_second | floor) requests/s, p99 \(.latency_ms.p99) ms, errors \(.errors)"' "$WORK/many-$1.json" >&2
+  echo "    peak RSS: $peak MiB" >&2
+  kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
+  PEAK_RSS=$peak
+}
+step "agent serving $MANY_CLIENTS concurrent gRPC clients, one connection each"
+many "$MANY_CLIENTS"; PEAK_RSS_OWN=$PEAK_RSS
+step "agent serving $MANY_CLIENTS concurrent gRPC clients over 100 connections"
+many 100; PEAK_RSS_SHARED=$PEAK_RSS
 
 step "agent on three Redis servers (Redlock)"
 start_agent redlock "redis://127.0.0.1:$R1,redis://127.0.0.1:$R2,redis://127.0.0.1:$R3"
 GRPC_REDLOCK=$(bench grpc --address "http://127.0.0.1:$GRPC" -c "$CLIENTS" -i "$ITERATIONS")
+GRPC_REDLOCK_MUX=$(bench grpc --address "http://127.0.0.1:$GRPC" -c "$CLIENTS" -i "$ITERATIONS" --connections "$SHARED")
 HTTP_REDLOCK=$(bench http --address "http://127.0.0.1:$HTTP" -c "$CLIENTS" -i "$ITERATIONS")
 kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
 
@@ -149,24 +160,29 @@ errors() { jq -r '.errors' <<<"$1"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 verdict() { awk -v v="$1" -v t="$2" -v dir="$3" 'BEGIN { ok = (dir == "min") ? v >= t : v <= t; print ok ? "met" : "NOT met" }'; }
 
-row() { printf '%-34s %-26s %-18s %s\n' "$@"; }
+row() { printf '%-38s %-26s %-16s %s\n' "$@"; }
 echo
 echo "Results ($(nproc) cores; Redis, agent and load generator on this machine; $CLIENTS clients)"
 row "measure" "figure" "target" "verdict"
 row "redis-benchmark EVALSHA" "$REDIS_RPS req/s" "(baseline)" ""
 for mode in single redlock; do
-  if [ "$mode" = single ]; then g=$GRPC_SINGLE h=$HTTP_SINGLE min=0.5; else g=$GRPC_REDLOCK h=$HTTP_REDLOCK min=0.3; fi
+  if [ "$mode" = single ]; then g=$GRPC_SINGLE m=$GRPC_SINGLE_MUX h=$HTTP_SINGLE min=0.5; else g=$GRPC_REDLOCK m=$GRPC_REDLOCK_MUX h=$HTTP_REDLOCK min=0.3; fi
   r=$(ratio "$(rps "$g")" "$REDIS_RPS")
   row "gRPC $mode" "$(rps "$g") req/s = $r x" ">= $min x redis" "$(verdict "$r" "$min" min)"
+  r=$(ratio "$(rps "$m")" "$REDIS_RPS")
+  row "gRPC $mode, $SHARED connections" "$(rps "$m") req/s = $r x" ">= $min x redis" "$(verdict "$r" "$min" min)"
   r=$(ratio "$(rps "$h")" "$(rps "$g")")
   row "HTTP $mode" "$(rps "$h") req/s = $r x gRPC" ">= 0.8 x gRPC" "$(verdict "$r" 0.8 min)"
 done
 row "gRPC single p99" "$(p99 "$GRPC_SINGLE") ms" "<= 5 ms" "$(verdict "$(p99 "$GRPC_SINGLE")" 5 max)"
+row "gRPC single p99, $SHARED connections" "$(p99 "$GRPC_SINGLE_MUX") ms" "<= 5 ms" "$(verdict "$(p99 "$GRPC_SINGLE_MUX")" 5 max)"
 row "GetPods (50 pods)" "$(rps "$PODS") req/s" ">= 20000 req/s" "$(verdict "$(rps "$PODS")" 20000 min)"
 row "RSS idle" "$IDLE_RSS MiB" "<= 16 MiB" "$(verdict "$IDLE_RSS" 16 max)"
-row "RSS, $MANY_CLIENTS gRPC clients" "$PEAK_RSS MiB" "<= 64 MiB" "$(verdict "$PEAK_RSS" 64 max)"
+row "RSS, $MANY_CLIENTS clients, own conn." "$PEAK_RSS_OWN MiB" "<= 64 MiB" "$(verdict "$PEAK_RSS_OWN" 64 max)"
+row "RSS, $MANY_CLIENTS clients, 100 conn." "$PEAK_RSS_SHARED MiB" "<= 64 MiB" "$(verdict "$PEAK_RSS_SHARED" 64 max)"
 total_errors=0
-for j in "$GRPC_SINGLE" "$HTTP_SINGLE" "$GRPC_REDLOCK" "$HTTP_REDLOCK" "$PODS" "$(cat "$WORK/many.json")"; do
+for j in "$GRPC_SINGLE" "$GRPC_SINGLE_MUX" "$HTTP_SINGLE" "$GRPC_REDLOCK" "$GRPC_REDLOCK_MUX" \
+  "$HTTP_REDLOCK" "$PODS" "$(cat "$WORK/many-$MANY_CLIENTS.json")" "$(cat "$WORK/many-100.json")"; do
   total_errors=$((total_errors + $(errors "$j")))
 done
 row "failed requests (all runs)" "$total_errors" "0" "$(verdict "$total_errors" 0 max)"
