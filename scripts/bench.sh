@@ -93,7 +93,7 @@ rss_mib() { awk '/^VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 bench() {
   local json
   json=$("$AGENT" bench "$@" --json)
-  jq -r '"    \(.benchmark): \(.requests) requests, \(.requests_per_second | floor) requests/s, p50 \(.latency_ms.p50) ms, p90 \(.latency_ms.p90) ms, p99 \(.latency_ms.p99) ms, max \(.latency_ms.max) ms, errors \(.errors) \(.errors_by_kind)"' <<<"$json" >&2
+  jq -r '"    \(.benchmark), \(.clients) clients over \(.connections) connections: \(.requests) requests, \(.requests_per_second | floor) requests/s, p50 \(.latency_ms.p50) ms, p90 \(.latency_ms.p90) ms, p99 \(.latency_ms.p99) ms, max \(.latency_ms.max) ms, errors \(.errors) \(.errors_by_kind)"' <<<"$json" >&2
   echo "$json"
 }
 
