@@ -162,6 +162,18 @@ pub fn deployment_pods(
     replica_sets: &[Arc<ReplicaSet>],
     pods: &[Arc<Pod>],
 ) -> Vec<PodInfo> {
+    deployment_pod_objects(deployment, replica_sets, pods)
+        .into_iter()
+        .map(|(info, _)| info)
+        .collect()
+}
+
+/// [`deployment_pods`], each with the pod object it was read from.
+pub fn deployment_pod_objects(
+    deployment: &Deployment,
+    replica_sets: &[Arc<ReplicaSet>],
+    pods: &[Arc<Pod>],
+) -> Vec<(PodInfo, Arc<Pod>)> {
     let name = deployment.metadata.name.as_deref().unwrap_or_default();
     let namespace = deployment.metadata.namespace.as_deref();
     let Some(selector) = deployment
@@ -183,13 +195,13 @@ pub fn deployment_pods(
         .cloned()
         .collect();
     let no_labels = BTreeMap::new();
-    let mut found: Vec<PodInfo> = pods
+    let mut found: Vec<(PodInfo, Arc<Pod>)> = pods
         .iter()
         .filter(|pod| pod.metadata.namespace.as_deref() == namespace)
         .filter(|pod| selector.matches(pod.metadata.labels.as_ref().unwrap_or(&no_labels)))
         .filter_map(|pod| {
             let rs = controlling_replica_set(pod, &owned)?;
-            Some(PodInfo {
+            let info = PodInfo {
                 name: pod.metadata.name.clone().unwrap_or_default(),
                 deployment: name.to_owned(),
                 ip: pod
@@ -199,10 +211,13 @@ pub fn deployment_pods(
                     .unwrap_or_default(),
                 status: status_info(pod),
                 replica_set: replica_set_info(rs),
-            })
+            };
+            Some((info, pod.clone()))
         })
         .collect();
-    found.sort_by(|a, b| (a.replica_set.revision, &a.name).cmp(&(b.replica_set.revision, &b.name)));
+    found.sort_by(|(a, _), (b, _)| {
+        (a.replica_set.revision, &a.name).cmp(&(b.replica_set.revision, &b.name))
+    });
     found
 }
 

@@ -31,9 +31,11 @@ use kube::{
     },
 };
 use serde::de::DeserializeOwned;
-use tokio::task::JoinHandle;
+use tokio::{sync::broadcast, task::JoinHandle};
 
-use self::mapping::{PodInfo, controlling_deployment, controlling_replica_set, deployment_pods};
+use self::mapping::{
+    PodInfo, controlling_deployment, controlling_replica_set, deployment_pod_objects,
+};
 use crate::lease::InvalidArgument;
 
 /// Why pods could not be listed.
@@ -133,8 +135,12 @@ enum Scope {
 pub struct Discovery {
     scope: Scope,
     synced: Arc<AtomicBool>,
+    changes: broadcast::Sender<String>,
     tasks: Vec<JoinHandle<()>>,
 }
+
+/// How many change notifications a slow subscriber may fall behind before it is told it lagged.
+const CHANGES_CAPACITY: usize = 1024;
 
 impl Drop for Discovery {
     fn drop(&mut self) {
@@ -145,9 +151,8 @@ impl Drop for Discovery {
 }
 
 impl Discovery {
-    /// Connects to Kubernetes (the in-cluster service account, or `KUBECONFIG` /
-    /// `~/.kube/config`) and starts watching `namespaces` (all when empty).
-    pub async fn start(in_cluster: bool, namespaces: &[String]) -> Result<Self, DiscoveryError> {
+    /// A client of the in-cluster service account, or of `KUBECONFIG` / `~/.kube/config`.
+    pub async fn connect(in_cluster: bool) -> Result<Client, DiscoveryError> {
         let config = if in_cluster {
             kube::Config::incluster().map_err(|err| {
                 DiscoveryError::Client(format!(
@@ -160,20 +165,21 @@ impl Discovery {
                 .await
                 .map_err(|err| DiscoveryError::Client(format!("KUBECONFIG: {err}")))?
         };
-        let client =
-            Client::try_from(config).map_err(|err| DiscoveryError::Client(err.to_string()))?;
-        Ok(Self::watch_with(&client, namespaces))
+        Client::try_from(config).map_err(|err| DiscoveryError::Client(err.to_string()))
     }
 
     /// Starts watching `namespaces` (all when empty) through `client`. Each scope costs three
     /// watches (Pods, ReplicaSets, Deployments), held open for the life of the agent; lookups
     /// read the caches only.
-    fn watch_with(client: &Client, namespaces: &[String]) -> Self {
+    pub fn start(client: &Client, namespaces: &[String]) -> Self {
         let mut tasks = Vec::new();
+        let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
         let mut watch_scope = |namespace: Option<&str>| {
-            let (pods, pod_task) = watch::<Pod>(api(client, namespace));
-            let (replica_sets, rs_task) = watch::<ReplicaSet>(api(client, namespace));
-            let (deployments, deployment_task) = watch::<Deployment>(api(client, namespace));
+            let (pods, pod_task) = watch::<Pod>(api(client, namespace), changes.clone());
+            let (replica_sets, rs_task) =
+                watch::<ReplicaSet>(api(client, namespace), changes.clone());
+            let (deployments, deployment_task) =
+                watch::<Deployment>(api(client, namespace), changes.clone());
             tasks.extend([pod_task, rs_task, deployment_task]);
             Caches {
                 pods,
@@ -191,16 +197,20 @@ impl Discovery {
                     .collect(),
             )
         };
-        Self::watching(scope, tasks)
+        Self::watching(scope, changes, tasks)
     }
 
     /// Discovery over caches filled by someone else (tests, or a caller with its own watchers):
     /// one set for the whole cluster.
     pub fn from_caches(caches: Caches) -> Self {
-        Self::watching(Scope::Cluster(caches), Vec::new())
+        Self::watching(Scope::Cluster(caches), broadcast::channel(1).0, Vec::new())
     }
 
-    fn watching(scope: Scope, mut tasks: Vec<JoinHandle<()>>) -> Self {
+    fn watching(
+        scope: Scope,
+        changes: broadcast::Sender<String>,
+        mut tasks: Vec<JoinHandle<()>>,
+    ) -> Self {
         let synced = Arc::new(AtomicBool::new(false));
         let all: Vec<Caches> = match &scope {
             Scope::Cluster(caches) => vec![caches.clone()],
@@ -226,8 +236,15 @@ impl Discovery {
         Self {
             scope,
             synced,
+            changes,
             tasks,
         }
+    }
+
+    /// The namespace of every Pod, ReplicaSet and Deployment the watches see change (added,
+    /// modified or deleted), from now on — after the cache holds the change.
+    pub fn changes(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
     }
 
     /// Whether every cache has been filled once.
@@ -252,6 +269,21 @@ impl Discovery {
         deployment: &str,
         pod_name: &str,
     ) -> Result<Vec<PodInfo>, DiscoveryError> {
+        Ok(self
+            .pod_objects(namespace, deployment, pod_name)?
+            .into_iter()
+            .map(|(info, _)| info)
+            .collect())
+    }
+
+    /// [`Discovery::pods`], each with the pod object from the cache (for the controller, which
+    /// also needs creation times and labels).
+    pub fn pod_objects(
+        &self,
+        namespace: &str,
+        deployment: &str,
+        pod_name: &str,
+    ) -> Result<Vec<(PodInfo, Arc<Pod>)>, DiscoveryError> {
         object_name("namespace", namespace)?;
         if pod_name.is_empty() {
             object_name("deployment", deployment)?;
@@ -292,7 +324,7 @@ impl Discovery {
         let pods = caches
             .pods
             .state_filter(|pod| pod.metadata.namespace.as_deref() == Some(namespace));
-        Ok(deployment_pods(&found, &replica_sets, &pods))
+        Ok(deployment_pod_objects(&found, &replica_sets, &pods))
     }
 }
 
@@ -329,7 +361,7 @@ where
 
 /// A reflector store of `api`'s objects and the task that keeps it filled (retrying with
 /// backoff on errors, never giving up).
-fn watch<K>(api: Api<K>) -> (Store<K>, JoinHandle<()>)
+fn watch<K>(api: Api<K>, changes: broadcast::Sender<String>) -> (Store<K>, JoinHandle<()>)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
@@ -340,11 +372,15 @@ where
             .default_backoff()
             .modify(|object| object.managed_fields_mut().clear())
             .reflect(writer)
-            .applied_objects();
+            .touched_objects();
         futures::pin_mut!(events);
         while let Some(event) = events.next().await {
-            if let Err(err) = event {
-                tracing::warn!(kind = %K::kind(&K::DynamicType::default()), error = %err, "Kubernetes watch failed; retrying");
+            match event {
+                // Nobody listening is fine: the controller may not run in this process.
+                Ok(object) => drop(changes.send(object.namespace().unwrap_or_default())),
+                Err(err) => {
+                    tracing::warn!(kind = %K::kind(&K::DynamicType::default()), error = %err, "Kubernetes watch failed; retrying");
+                }
             }
         }
     });
@@ -430,8 +466,7 @@ mod tests {
     #[tokio::test]
     async fn the_caches_follow_the_api_servers_watches_and_lookups_send_no_requests() {
         let (service, mut api) = mock::pair::<Request<Body>, Response<Body>>();
-        let discovery =
-            Discovery::watch_with(&Client::new(service, "default"), &["shop".to_owned()]);
+        let discovery = Discovery::start(&Client::new(service, "default"), &["shop".to_owned()]);
 
         for _ in 0..3 {
             let (path, respond) = next_request(&mut api).await;
