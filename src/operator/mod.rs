@@ -16,7 +16,7 @@ pub mod plan;
 
 use std::{sync::Arc, time::Duration};
 
-use futures::{StreamExt, stream};
+use futures::{FutureExt, StreamExt, stream};
 use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -231,19 +231,32 @@ async fn run_controller(
         ),
         client,
         service,
-        elections: store,
+        elections: store.clone(),
         metrics,
     });
-    controller
+    let graceful = stop.clone();
+    let running = controller
         .reconcile_on(triggers)
-        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .graceful_shutdown_on(async move { graceful.cancelled().await })
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
             if let Err(err) = result {
                 tracing::debug!(error = %err, "reconcile");
             }
-        })
-        .await;
+        });
+    // A controller whose cache never filled (no CRD installed, no API server) ran no reconcile,
+    // and kube-runtime would wait for that cache forever before it stops: drop it at once.
+    let never_synced = async {
+        stop.cancelled().await;
+        if store.wait_until_ready().now_or_never().is_none() {
+            return;
+        }
+        futures::future::pending::<()>().await;
+    };
+    tokio::select! {
+        () = running => {}
+        () = never_synced => tracing::info!("Election controller stopped before its cache synced"),
+    }
 }
 
 /// The Elections to reconcile when a lease changes (those on that lease) or when pods,
@@ -867,5 +880,101 @@ mod tests {
             service.leader("default", "jobs").await,
             Err(ElectionError::NoLeader { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod leadership_tests {
+    use axum::http::{Request, Response};
+    use kube::client::Body;
+    use tower_test::mock;
+
+    use super::*;
+    use crate::{
+        lease::TermBounds,
+        metrics::Metrics,
+        store::{MemoryStore, Store},
+    };
+
+    async fn holder(service: &ElectionService) -> Option<String> {
+        service
+            .leader(CONTROLLER_KIND, CONTROLLER_ELECTION)
+            .await
+            .ok()
+            .map(|info| info.leader.as_str().to_owned())
+    }
+
+    async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !check().await {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what} within 5 s"));
+    }
+
+    /// Two replicas over one lease store: one runs the controller; when it stops, the other
+    /// takes over; a replica that loses the lease stops its controller.
+    #[tokio::test]
+    async fn exactly_one_replica_runs_the_controller_and_another_takes_over() {
+        let service = ElectionService::new(
+            Store::Memory(MemoryStore::new()),
+            None,
+            TermBounds::default(),
+            Arc::new(Metrics::new("test", vec![1.0]).unwrap()),
+            CancellationToken::new(),
+        );
+        // The controllers talk to an API server that never answers: leadership is the point.
+        let (mock, _api) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(mock, "default");
+        let metrics = OperatorMetrics::register(&Registry::new()).unwrap();
+        let replica = |name: &str, stop: &CancellationToken| {
+            tokio::spawn(run(
+                client.clone(),
+                service.clone(),
+                metrics.clone(),
+                name.into(),
+                Duration::from_secs(1),
+                stop.clone(),
+            ))
+        };
+        let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+        let a = replica("replica-a", &stop_a);
+        eventually("replica-a leads", async || {
+            holder(&service).await.as_deref() == Some("replica-a")
+        })
+        .await;
+        let b = replica("replica-b", &stop_b);
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert_eq!(
+            holder(&service).await.as_deref(),
+            Some("replica-a"),
+            "renewed, not taken"
+        );
+
+        // replica-a shuts down: it resigns, and replica-b takes over within one term.
+        stop_a.cancel();
+        tokio::time::timeout(Duration::from_secs(5), a)
+            .await
+            .expect("replica-a stops within 5 s")
+            .unwrap();
+        eventually("replica-b leads", async || {
+            holder(&service).await.as_deref() == Some("replica-b")
+        })
+        .await;
+
+        // Someone else takes the lease from under replica-b: it notices at its next renewal.
+        service
+            .handover(CONTROLLER_KIND, CONTROLLER_ELECTION, "intruder", 60_000)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(holder(&service).await.as_deref(), Some("intruder"));
+        stop_b.cancel();
+        tokio::time::timeout(Duration::from_secs(5), b)
+            .await
+            .expect("replica-b stops within 5 s")
+            .unwrap();
     }
 }
