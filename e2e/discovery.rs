@@ -5,23 +5,25 @@
 //! Needs a cluster, so every test here is `#[ignore]`d: `scripts/e2e.sh` runs them when a cluster
 //! is configured and says loudly that they were skipped when none is.
 
+mod common;
+
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
 };
 
+use common::{TestNamespace, deployment, http_get};
 use election_agent::{
-    config::Sources,
     grpc::pb::{self, election_client::ElectionClient},
-    server::{self, RunningAgent},
+    server::RunningAgent,
 };
 use k8s_openapi::api::{
     apps::v1::{Deployment, ReplicaSet},
-    core::v1::{Namespace, Pod},
+    core::v1::Pod,
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    api::{ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
 
@@ -35,68 +37,6 @@ struct PodView {
     phase: String,
     ready: bool,
     terminating: bool,
-}
-
-/// A namespace of this test's own, deleted (with everything in it) when the test ends.
-struct TestNamespace {
-    client: Client,
-    name: String,
-}
-
-impl TestNamespace {
-    async fn create(client: &Client) -> Self {
-        let name = format!("ea-e2e-{}", std::process::id());
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        let namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
-        namespaces
-            .create(&PostParams::default(), &namespace)
-            .await
-            .expect("create the test namespace");
-        Self {
-            client: client.clone(),
-            name,
-        }
-    }
-}
-
-impl Drop for TestNamespace {
-    fn drop(&mut self) {
-        let (client, name) = (self.client.clone(), self.name.clone());
-        // Best effort, off the (possibly panicking) test's runtime.
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Runtime::new()
-                .unwrap()
-                .block_on(async move {
-                    let namespaces: Api<Namespace> = Api::all(client);
-                    let _ = namespaces.delete(&name, &DeleteParams::background()).await;
-                })
-        })
-        .join();
-    }
-}
-
-/// A Deployment whose pods ignore SIGTERM, so they stay `terminating` for the grace period.
-fn deployment(image: &str) -> Deployment {
-    serde_json::from_value(json!({
-        "metadata": {"name": "web"},
-        "spec": {
-            "replicas": 3,
-            "selector": {"matchLabels": {"app": "web"}},
-            "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 1}},
-            "template": {
-                "metadata": {"labels": {"app": "web"}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 60,
-                    "containers": [{
-                        "name": "main",
-                        "image": image,
-                        "command": ["sh", "-c", "trap '' TERM; while true; do sleep 1; done"]
-                    }]
-                }
-            }
-        }
-    }))
-    .unwrap()
 }
 
 /// What `kubectl get pods,rs -o yaml` shows for Deployment `web`, as views.
@@ -216,20 +156,10 @@ async fn agrees(agent: &RunningAgent, client: &Client, namespace: &str, deadline
 #[tokio::test]
 #[ignore = "needs a Kubernetes cluster: run scripts/e2e.sh with KUBECONFIG set"]
 async fn get_pods_follows_a_rolling_update_with_both_revisions_and_terminating_pods() {
-    let client = Client::try_default()
-        .await
-        .expect("a cluster from KUBECONFIG");
-    let namespace = TestNamespace::create(&client).await;
+    let client = common::cluster().await;
+    let namespace = TestNamespace::create(&client, "discovery").await;
     let ns = namespace.name.as_str();
-    let config = Sources::default()
-        .flag("EA_BIND_ADDRESS", "127.0.0.1")
-        .flag("EA_GRPC_PORT", "0")
-        .flag("EA_HTTP_PORT", "0")
-        .flag("EA_KUBE_IN_CLUSTER", "false")
-        .flag("EA_KUBE_NAMESPACES", ns)
-        .resolve()
-        .unwrap();
-    let agent = server::start(&config).await.expect("agent starts");
+    let agent = common::agent(ns).await;
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     deployments
@@ -284,7 +214,8 @@ async fn get_pods_follows_a_rolling_update_with_both_revisions_and_terminating_p
 
     // The REST route tells the same, with the gRPC field names.
     let url = format!("http://{}/kube/{ns}/web/pods", agent.http_address.unwrap());
-    let body = http_get(&url).await;
+    let (code, body) = http_get(&url).await;
+    assert_eq!(code, 200, "{body}");
     let items = body["items"].as_array().expect("items");
     assert!(!items.is_empty());
     for item in items {
@@ -293,24 +224,4 @@ async fn get_pods_follows_a_rolling_update_with_both_revisions_and_terminating_p
         }
     }
     agent.shutdown().await;
-}
-
-/// GET `url` over a plain TCP connection (HTTP/1.0, so the server closes when done).
-async fn http_get(url: &str) -> serde_json::Value {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_at(rest.find('/').unwrap());
-    let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "{head}"
-    );
-    serde_json::from_str(body).unwrap()
 }

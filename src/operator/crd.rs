@@ -270,6 +270,21 @@ mod tests {
     }
 
     #[test]
+    fn the_example_elections_are_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/elections.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let examples: Vec<Election> = serde_saphyr::from_multiple(&text).unwrap();
+        let names: Vec<_> = examples.iter().map(|e| e.lease_name()).collect();
+        assert_eq!(names, ["jobs", "web-leader"]);
+        for e in &examples {
+            assert!(term_ms(&e.spec.term).is_some(), "{:?}", e.spec.term);
+            assert_eq!(e.spec.kind, "default");
+            assert_eq!(e.spec.leader_label, DEFAULT_LEADER_LABEL);
+        }
+        assert!(examples[1].spec.managed && examples[1].spec.prefer_newest_revision);
+    }
+
+    #[test]
     fn terms_are_whole_numbers_of_one_unit() {
         for (term, ms) in [
             ("500ms", 500),
