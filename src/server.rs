@@ -179,6 +179,11 @@ async fn start_with(
                 service.clone(),
                 metrics,
                 controller_identity(&config.name),
+                // One watched namespace: a namespaced watch (a Role suffices); else cluster-wide.
+                match config.kube_namespaces.as_slice() {
+                    [namespace] => Some(namespace.clone()),
+                    _ => None,
+                },
                 config.controller_term,
                 shutdown.clone(),
             )

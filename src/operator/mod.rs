@@ -48,6 +48,8 @@ const FIELD_MANAGER: &str = "election-agent";
 /// The lease the agent replicas campaign for to run the controller.
 const CONTROLLER_KIND: &str = "election-agent.io";
 const CONTROLLER_ELECTION: &str = "controller";
+/// How long the controller waits for more triggers of the same Election before reconciling.
+const DEBOUNCE: Duration = Duration::from_millis(50);
 
 /// Why a reconcile failed.
 #[derive(Debug, thiserror::Error)]
@@ -141,14 +143,15 @@ pub struct Context {
     pub metrics: OperatorMetrics,
 }
 
-/// Runs the controller while this agent holds the controller lease, until `shutdown`: campaigns
-/// every third of `term`, renews while leading, and stops the controller (and lets another
+/// Runs the controller — over the Elections of `namespace`, or of the whole cluster — while this
+/// agent holds the controller lease, until `shutdown`: campaigns every third of `term`, renews while leading, and stops the controller (and lets another
 /// replica take over within one term) when renewal fails.
 pub async fn run(
     client: Client,
     service: ElectionService,
     metrics: OperatorMetrics,
     identity: String,
+    namespace: Option<String>,
     term: Duration,
     shutdown: CancellationToken,
 ) {
@@ -167,6 +170,7 @@ pub async fn run(
                     service.clone(),
                     metrics.clone(),
                     identity.clone(),
+                    namespace.clone(),
                     leading.clone(),
                 ));
                 loop {
@@ -209,16 +213,23 @@ pub async fn run(
     }
 }
 
-/// The controller itself, until `stop`.
+/// The controller itself, over the Elections of `namespace` (all when `None`), until `stop`.
 async fn run_controller(
     client: Client,
     service: ElectionService,
     metrics: OperatorMetrics,
     identity: String,
+    namespace: Option<String>,
     stop: CancellationToken,
 ) {
-    let elections: Api<Election> = Api::all(client.clone());
-    let controller = Controller::new(elections, watcher::Config::default().any_semantic());
+    let elections: Api<Election> = match &namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    };
+    // A short debounce folds the bursts of pod events of a rolling update into one reconcile,
+    // well inside the one second a leader change may take to show.
+    let controller = Controller::new(elections, watcher::Config::default().any_semantic())
+        .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
     let store = controller.store();
     let triggers = triggers(&service, store.clone());
     let context = Arc::new(Context {
@@ -935,6 +946,7 @@ mod leadership_tests {
                 service.clone(),
                 metrics.clone(),
                 name.into(),
+                None,
                 Duration::from_secs(1),
                 stop.clone(),
             ))
