@@ -23,9 +23,8 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{ListParams, Patch, PatchParams, PostParams},
+    api::{ListParams, PostParams},
 };
-use serde_json::json;
 
 /// How a pod looks in both the API server's listing and the agent's answer.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Clone)]
@@ -182,12 +181,7 @@ async fn get_pods_follows_a_rolling_update_with_both_revisions_and_terminating_p
     agrees(&agent, &client, ns, Duration::from_secs(30)).await;
 
     // Roll to a new image; old pods hang in Terminating for their grace period.
-    let patch = json!({"spec": {"template": {"spec": {"containers": [
-        {"name": "main", "image": "busybox:1.36.1"}]}}}});
-    deployments
-        .patch("web", &PatchParams::default(), &Patch::Strategic(&patch))
-        .await
-        .unwrap();
+    common::roll(&deployments, "busybox:1.36.1").await;
     let started = Instant::now();
     loop {
         let views = listed(&client, ns).await;

@@ -50,6 +50,26 @@ async fn install_crd(client: &Client) {
     .await;
 }
 
+/// Waits until Election `jobs` shows `leader` with `token`.
+async fn shows_leader(elections: &Api<Election>, leader: &str, token: u64) {
+    eventually(
+        &format!("status shows {leader}"),
+        Duration::from_secs(10),
+        async || {
+            elections
+                .get_status("jobs")
+                .await
+                .ok()
+                .and_then(|e| e.status)
+                .is_some_and(|s| {
+                    s.leader.as_deref() == Some(leader)
+                        && s.fencing_token == i64::try_from(token).ok()
+                })
+        },
+    )
+    .await;
+}
+
 async fn grpc(agent: &RunningAgent) -> ElectionClient<tonic::transport::Channel> {
     ElectionClient::connect(format!("http://{}", agent.grpc_address.unwrap()))
         .await
@@ -144,18 +164,7 @@ async fn kubectl_get_elections_shows_the_leader_a_client_campaigned_for_and_dele
         .into_inner();
     assert!(won.elected);
     let elected_at = Instant::now();
-    eventually("status shows alice", Duration::from_secs(10), async || {
-        elections
-            .get_status("jobs")
-            .await
-            .ok()
-            .and_then(|e| e.status)
-            .is_some_and(|s| {
-                s.leader.as_deref() == Some("alice")
-                    && s.fencing_token == i64::try_from(won.fencing_token).ok()
-            })
-    })
-    .await;
+    shows_leader(&elections, "alice", won.fencing_token).await;
     assert!(
         elected_at.elapsed() < Duration::from_secs(1),
         "status within 1 s of the election: {:?}",
@@ -199,19 +208,9 @@ async fn kubectl_get_elections_shows_the_leader_a_client_campaigned_for_and_dele
         .unwrap()
         .into_inner();
     let changed_at = Instant::now();
-    eventually("status shows bob", Duration::from_secs(10), async || {
-        elections
-            .get_status("jobs")
-            .await
-            .ok()
-            .and_then(|e| e.status)
-            .is_some_and(|s| {
-                s.leader.as_deref() == Some("bob")
-                    && s.fencing_token == i64::try_from(handed.fencing_token).ok()
-                    && s.transitions >= 1
-            })
-    })
-    .await;
+    shows_leader(&elections, "bob", handed.fencing_token).await;
+    let status = elections.get_status("jobs").await.unwrap().status.unwrap();
+    assert!(status.transitions >= 1, "{status:#?}");
     assert!(
         changed_at.elapsed() < Duration::from_secs(1),
         "{:?}",
@@ -297,12 +296,7 @@ async fn managed_mode_carries_the_leader_label_through_a_rolling_update() {
     .await;
 
     // Roll to a new image and watch the label the whole way: never on two pods.
-    let patch = json!({"spec": {"template": {"spec": {"containers": [
-        {"name": "main", "image": "busybox:1.36.1"}]}}}});
-    deployments
-        .patch("web", &PatchParams::default(), &Patch::Strategic(&patch))
-        .await
-        .unwrap();
+    common::roll(&deployments, "busybox:1.36.1").await;
     let started = Instant::now();
     loop {
         let labelled = labelled_pods(&client, ns).await;

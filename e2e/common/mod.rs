@@ -11,7 +11,7 @@ use election_agent::{
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Namespace};
 use kube::{
     Api, Client,
-    api::{DeleteParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
 
@@ -103,6 +103,16 @@ pub fn deployment(image: &str) -> Deployment {
         }
     }))
     .unwrap()
+}
+
+/// Rolls Deployment `web` to `image`.
+pub async fn roll(deployments: &Api<Deployment>, image: &str) {
+    let patch = json!({"spec": {"template": {"spec": {"containers": [
+        {"name": "main", "image": image}]}}}});
+    deployments
+        .patch("web", &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .expect("roll the Deployment");
 }
 
 /// Polls `check` every 100 ms until it holds; fails after `limit`, showing `what`.

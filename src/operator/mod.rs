@@ -760,31 +760,44 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn managed_mode_moves_leadership_and_the_label_to_the_new_revision() {
-        let (mock, mut api) = mock::pair::<Request<Body>, Response<Body>>();
+    /// `web-1-a` leads; a reconcile of Election `jobs` (being deleted, or not) is started
+    /// against the mock API server.
+    async fn reconciling(
+        deleting: bool,
+    ) -> (
+        ApiServer,
+        ElectionService,
+        Election,
+        tokio::task::JoinHandle<Result<Action, OperatorError>>,
+    ) {
+        let (mock, api) = mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(mock, "default");
         let service = service();
         service
             .campaign("default", "jobs", "web-1-a", 15_000)
             .await
             .unwrap();
-        let election = election(false);
+        let election = election(deleting);
         let ctx = context(client, service.clone(), &election);
         let reconciling = tokio::spawn(reconcile(Arc::new(election.clone()), ctx));
+        (api, service, election, reconciling)
+    }
 
-        // The old leader loses the label before the new one gets it.
-        let removed = expect(
-            &mut api,
-            "PATCH",
-            "/api/v1/namespaces/shop/pods/web-1-a",
-            Some(json!({})),
-        )
-        .await;
+    async fn expect_label_removed(api: &mut ApiServer, pod: &str) {
+        let path = format!("/api/v1/namespaces/shop/pods/{pod}");
+        let removed = expect(api, "PATCH", &path, Some(json!({}))).await;
         assert_eq!(
             removed["metadata"]["labels"],
             json!({"election-agent.io/leader": null})
         );
+    }
+
+    #[tokio::test]
+    async fn managed_mode_moves_leadership_and_the_label_to_the_new_revision() {
+        let (mut api, service, election, reconciling) = reconciling(false).await;
+
+        // The old leader loses the label before the new one gets it.
+        expect_label_removed(&mut api, "web-1-a").await;
         let added = expect(
             &mut api,
             "PATCH",
@@ -848,28 +861,9 @@ mod tests {
 
     #[tokio::test]
     async fn deleting_an_election_gives_up_its_lease_and_label_then_releases_the_object() {
-        let (mock, mut api) = mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(mock, "default");
-        let service = service();
-        service
-            .campaign("default", "jobs", "web-1-a", 15_000)
-            .await
-            .unwrap();
-        let election = election(true);
-        let ctx = context(client, service.clone(), &election);
-        let reconciling = tokio::spawn(reconcile(Arc::new(election.clone()), ctx));
+        let (mut api, service, election, reconciling) = reconciling(true).await;
 
-        let removed = expect(
-            &mut api,
-            "PATCH",
-            "/api/v1/namespaces/shop/pods/web-1-a",
-            Some(json!({})),
-        )
-        .await;
-        assert_eq!(
-            removed["metadata"]["labels"],
-            json!({"election-agent.io/leader": null})
-        );
+        expect_label_removed(&mut api, "web-1-a").await;
         let mut released = election.clone();
         released.metadata.finalizers = None;
         let finalizer_patch = expect(
