@@ -46,6 +46,9 @@ cargo fmt --all --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
-# Last, so that the suite's own summary closes the output.
 step "cargo nextest run (unit, integration and binary tests)"
 cargo nextest run --locked --no-fail-fast
+
+# Last, so that a skip (no cluster configured) is the last thing printed.
+step "e2e tests (a real Kubernetes cluster from KUBECONFIG)"
+scripts/e2e.sh

@@ -82,7 +82,11 @@ settings! {
     "EA_KUBE_IN_CLUSTER" => "kube.in_cluster" = "true",
         "use the in-cluster service account, else KUBECONFIG / ~/.kube/config";
     "EA_KUBE_NAMESPACES" => "kube.namespaces" = "",
-        "comma-separated namespaces to watch for GetPods; empty: the whole cluster";
+        "comma-separated namespaces to watch (GetPods, Elections' pods); empty: the whole cluster";
+    "EA_CONTROLLER_ENABLE" => "controller.enable" = "true",
+        "run the Election controller (with EA_KUBE_ENABLE); agent replicas elect one to run it";
+    "EA_CONTROLLER_TERM" => "controller.term" = "15s",
+        "term of the controller role's lease: another replica takes over within it";
     "EA_REDIS_MODE" => "redis.mode" = "",
         "memory|single|failover|cluster|sharding; empty: memory without EA_REDIS_URLS, else single";
     "EA_REDIS_URLS" => "redis.urls" = "",
@@ -260,6 +264,10 @@ pub struct Config {
     pub kube_in_cluster: bool,
     /// `EA_KUBE_NAMESPACES` (empty: the whole cluster).
     pub kube_namespaces: Vec<String>,
+    /// `EA_CONTROLLER_ENABLE`.
+    pub controller_enabled: bool,
+    /// `EA_CONTROLLER_TERM`.
+    pub controller_term: Duration,
     /// `EA_REDIS_*` and `EA_KEY_PREFIX`.
     pub store: StoreConfig,
     /// `EA_LEASE_MIN_TERM`, `EA_LEASE_MAX_TERM`.
@@ -555,6 +563,8 @@ impl Values {
             kube_enabled: self.get("EA_KUBE_ENABLE", boolean)?,
             kube_in_cluster: self.get("EA_KUBE_IN_CLUSTER", boolean)?,
             kube_namespaces: self.get("EA_KUBE_NAMESPACES", namespaces)?,
+            controller_enabled: self.get("EA_CONTROLLER_ENABLE", boolean)?,
+            controller_term: self.get("EA_CONTROLLER_TERM", positive_duration)?,
             store: StoreConfig {
                 mode,
                 urls,

@@ -151,6 +151,16 @@ impl ElectionService {
         &self.inner.metrics
     }
 
+    /// Kubernetes discovery, when Kubernetes features are on.
+    pub fn discovery(&self) -> Option<&Discovery> {
+        self.inner.discovery.as_ref()
+    }
+
+    /// Every lease change made from now on, by this agent or (through the store) any other.
+    pub fn lease_changes(&self) -> tokio::sync::broadcast::Receiver<crate::store::LeaseChange> {
+        self.inner.store.subscribe()
+    }
+
     /// Campaigns for `term_ms` milliseconds. Losing is not an error: `elected` is false and
     /// `leader` names the current holder.
     pub async fn campaign(

@@ -22,5 +22,6 @@ pub mod grpc;
 pub mod http;
 pub mod lease;
 pub mod metrics;
+pub mod operator;
 pub mod server;
 pub mod store;

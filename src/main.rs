@@ -31,6 +31,8 @@ enum Command {
     Serve(ServeArgs),
     /// Print the OpenAPI 3 document of the REST API.
     Openapi,
+    /// Print the `Election` CustomResourceDefinition (YAML, as crds/election.yaml holds it).
+    Crd,
     /// Call an agent's gRPC API.
     Client(ClientArgs),
     /// Measure an agent: requests/s, latency and errors under load.
@@ -96,6 +98,10 @@ async fn main() -> ExitCode {
             }
             Err(err) => fail(&err),
         },
+        Some(Command::Crd) => {
+            print!("{}", election_agent::operator::crd::crd_yaml());
+            ExitCode::SUCCESS
+        }
         Some(Command::Client(args)) => match client::run(args).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => fail(&err),

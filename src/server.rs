@@ -8,7 +8,7 @@
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::serve::ListenerExt;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +27,7 @@ use crate::{
     grpc::{self, ElectionGrpc},
     http,
     metrics::Metrics,
+    operator::{self, OperatorMetrics},
     store::{MemoryStore, RedisStore, Store, redis::EndpointError},
 };
 
@@ -117,15 +118,25 @@ fn store(config: &Config, metrics: &Metrics) -> Result<Store, ServerError> {
     }
 }
 
+/// Who this agent is when it campaigns to run the controller: its pod name (`HOSTNAME` in
+/// Kubernetes), else `EA_NAME` and the process id.
+fn controller_identity(name: &str) -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|host| !host.is_empty())
+        .unwrap_or_else(|| format!("{name}-{}", std::process::id()))
+}
+
 /// Starts the agent: binds every enabled listener and serves until shut down. With
 /// `EA_KUBE_ENABLE`, it connects to Kubernetes and starts watching first.
 pub async fn start(config: &Config) -> Result<RunningAgent, ServerError> {
-    let discovery = if config.kube_enabled {
-        Some(Discovery::start(config.kube_in_cluster, &config.kube_namespaces).await?)
-    } else {
-        None
-    };
-    start_with(config, discovery).await
+    if !config.kube_enabled {
+        return start_with(config, None, None).await;
+    }
+    let client = Discovery::connect(config.kube_in_cluster).await?;
+    let discovery = Discovery::start(&client, &config.kube_namespaces);
+    let controller = config.controller_enabled.then_some(client);
+    start_with(config, Some(discovery), controller).await
 }
 
 /// Starts the agent over the given discovery instead of connecting to Kubernetes as
@@ -134,12 +145,14 @@ pub async fn start_with_discovery(
     config: &Config,
     discovery: Discovery,
 ) -> Result<RunningAgent, ServerError> {
-    start_with(config, Some(discovery)).await
+    start_with(config, Some(discovery), None).await
 }
 
+/// Starts the agent; with `controller`, also the Election controller (through that client).
 async fn start_with(
     config: &Config,
     discovery: Option<Discovery>,
+    controller: Option<kube::Client>,
 ) -> Result<RunningAgent, ServerError> {
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new(
@@ -158,6 +171,26 @@ async fn start_with(
         updating: Arc::default(),
     };
     let mut servers = JoinSet::new();
+
+    if let Some(client) = controller {
+        let metrics = OperatorMetrics::register(service.metrics().registry())?;
+        servers.spawn(
+            operator::run(
+                client,
+                service.clone(),
+                metrics,
+                controller_identity(&config.name),
+                // One watched namespace: a namespaced watch (a Role suffices); else cluster-wide.
+                match config.kube_namespaces.as_slice() {
+                    [namespace] => Some(namespace.clone()),
+                    _ => None,
+                },
+                config.controller_term,
+                shutdown.clone(),
+            )
+            .map(Ok),
+        );
+    }
 
     servers.spawn(follow_readiness(
         service.clone(),

@@ -153,13 +153,27 @@ fn status_info(pod: &Pod) -> PodStatusInfo {
     }
 }
 
-/// The pods of `deployment`, sorted by ReplicaSet revision, then pod name. `replica_sets` and
-/// `pods` are those of the Deployment's namespace (others are ignored).
+/// The pods of `deployment`, sorted by ReplicaSet revision, then pod name: those its selector
+/// matches whose controller is a ReplicaSet controlled by this very Deployment (owner UIDs, so a
+/// re-created Deployment of the same name does not adopt its predecessor's pods). Objects of
+/// other namespaces among `replica_sets` and `pods` are ignored.
 pub fn deployment_pods(
     deployment: &Deployment,
     replica_sets: &[Arc<ReplicaSet>],
     pods: &[Arc<Pod>],
 ) -> Vec<PodInfo> {
+    deployment_pod_objects(deployment, replica_sets, pods)
+        .into_iter()
+        .map(|(info, _)| info)
+        .collect()
+}
+
+/// [`deployment_pods`], each with the pod object it was read from.
+pub fn deployment_pod_objects(
+    deployment: &Deployment,
+    replica_sets: &[Arc<ReplicaSet>],
+    pods: &[Arc<Pod>],
+) -> Vec<(PodInfo, Arc<Pod>)> {
     let name = deployment.metadata.name.as_deref().unwrap_or_default();
     let namespace = deployment.metadata.namespace.as_deref();
     let Some(selector) = deployment
@@ -169,14 +183,25 @@ pub fn deployment_pods(
     else {
         return Vec::new();
     };
+    // The Deployment's own ReplicaSets (a handful: its revision history), found once.
+    let uid = deployment.metadata.uid.as_deref();
+    let owned: Vec<Arc<ReplicaSet>> = replica_sets
+        .iter()
+        .filter(|rs| rs.metadata.namespace.as_deref() == namespace)
+        .filter(|rs| {
+            controller(&rs.metadata)
+                .is_some_and(|o| o.kind == "Deployment" && Some(o.uid.as_str()) == uid)
+        })
+        .cloned()
+        .collect();
     let no_labels = BTreeMap::new();
-    let mut found: Vec<PodInfo> = pods
+    let mut found: Vec<(PodInfo, Arc<Pod>)> = pods
         .iter()
         .filter(|pod| pod.metadata.namespace.as_deref() == namespace)
         .filter(|pod| selector.matches(pod.metadata.labels.as_ref().unwrap_or(&no_labels)))
         .filter_map(|pod| {
-            let rs = controlling_replica_set(pod, replica_sets)?;
-            (controlling_deployment(rs) == Some(name)).then(|| PodInfo {
+            let rs = controlling_replica_set(pod, &owned)?;
+            let info = PodInfo {
                 name: pod.metadata.name.clone().unwrap_or_default(),
                 deployment: name.to_owned(),
                 ip: pod
@@ -186,10 +211,13 @@ pub fn deployment_pods(
                     .unwrap_or_default(),
                 status: status_info(pod),
                 replica_set: replica_set_info(rs),
-            })
+            };
+            Some((info, pod.clone()))
         })
         .collect();
-    found.sort_by(|a, b| (a.replica_set.revision, &a.name).cmp(&(b.replica_set.revision, &b.name)));
+    found.sort_by(|(a, _), (b, _)| {
+        (a.replica_set.revision, &a.name).cmp(&(b.replica_set.revision, &b.name))
+    });
     found
 }
 
@@ -388,6 +416,15 @@ mod tests {
         ];
         let found = deployment_pods(&deployment("web", "web"), &replica_sets, &pods);
         assert_eq!(names(&found), [("web-1-a", 1)]);
+    }
+
+    #[test]
+    fn a_recreated_deployment_does_not_claim_its_predecessors_pods() {
+        let replica_sets = [replica_set("web-1", "web", Some("1"))];
+        let pods = [Arc::new(pod("web-1-a", "web", Some("web-1")))];
+        let mut recreated = deployment("web", "web");
+        recreated.metadata.uid = Some("web-uid-2".into());
+        assert!(deployment_pods(&recreated, &replica_sets, &pods).is_empty());
     }
 
     #[test]

@@ -31,9 +31,11 @@ use kube::{
     },
 };
 use serde::de::DeserializeOwned;
-use tokio::task::JoinHandle;
+use tokio::{sync::broadcast, task::JoinHandle};
 
-use self::mapping::{PodInfo, controlling_deployment, controlling_replica_set, deployment_pods};
+use self::mapping::{
+    PodInfo, controlling_deployment, controlling_replica_set, deployment_pod_objects,
+};
 use crate::lease::InvalidArgument;
 
 /// Why pods could not be listed.
@@ -73,7 +75,9 @@ pub enum DiscoveryError {
         name: String,
     },
     /// The Kubernetes client could not be set up.
-    #[error("cannot connect to Kubernetes: {0}; set EA_KUBE_ENABLE=false to run without it")]
+    #[error(
+        "cannot connect to Kubernetes: {0}; or set EA_KUBE_ENABLE=false to run without Kubernetes"
+    )]
     Client(String),
 }
 
@@ -131,8 +135,12 @@ enum Scope {
 pub struct Discovery {
     scope: Scope,
     synced: Arc<AtomicBool>,
+    changes: broadcast::Sender<String>,
     tasks: Vec<JoinHandle<()>>,
 }
+
+/// How many change notifications a slow subscriber may fall behind before it is told it lagged.
+const CHANGES_CAPACITY: usize = 1024;
 
 impl Drop for Discovery {
     fn drop(&mut self) {
@@ -143,23 +151,35 @@ impl Drop for Discovery {
 }
 
 impl Discovery {
-    /// Connects to Kubernetes (the in-cluster service account, or `KUBECONFIG` /
-    /// `~/.kube/config`) and starts watching `namespaces` (all when empty).
-    pub async fn start(in_cluster: bool, namespaces: &[String]) -> Result<Self, DiscoveryError> {
+    /// A client of the in-cluster service account, or of `KUBECONFIG` / `~/.kube/config`.
+    pub async fn connect(in_cluster: bool) -> Result<Client, DiscoveryError> {
         let config = if in_cluster {
-            kube::Config::incluster().map_err(|err| DiscoveryError::Client(err.to_string()))?
+            kube::Config::incluster().map_err(|err| {
+                DiscoveryError::Client(format!(
+                    "no in-cluster service account ({err}); outside a cluster set \
+                     EA_KUBE_IN_CLUSTER=false to use KUBECONFIG"
+                ))
+            })?
         } else {
             kube::Config::from_kubeconfig(&kube::config::KubeConfigOptions::default())
                 .await
-                .map_err(|err| DiscoveryError::Client(err.to_string()))?
+                .map_err(|err| DiscoveryError::Client(format!("KUBECONFIG: {err}")))?
         };
-        let client =
-            Client::try_from(config).map_err(|err| DiscoveryError::Client(err.to_string()))?;
+        Client::try_from(config).map_err(|err| DiscoveryError::Client(err.to_string()))
+    }
+
+    /// Starts watching `namespaces` (all when empty) through `client`. Each scope costs three
+    /// watches (Pods, ReplicaSets, Deployments), held open for the life of the agent; lookups
+    /// read the caches only.
+    pub fn start(client: &Client, namespaces: &[String]) -> Self {
         let mut tasks = Vec::new();
+        let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
         let mut watch_scope = |namespace: Option<&str>| {
-            let (pods, pod_task) = watch::<Pod>(api(&client, namespace));
-            let (replica_sets, rs_task) = watch::<ReplicaSet>(api(&client, namespace));
-            let (deployments, deployment_task) = watch::<Deployment>(api(&client, namespace));
+            let (pods, pod_task) = watch::<Pod>(api(client, namespace), changes.clone());
+            let (replica_sets, rs_task) =
+                watch::<ReplicaSet>(api(client, namespace), changes.clone());
+            let (deployments, deployment_task) =
+                watch::<Deployment>(api(client, namespace), changes.clone());
             tasks.extend([pod_task, rs_task, deployment_task]);
             Caches {
                 pods,
@@ -177,16 +197,20 @@ impl Discovery {
                     .collect(),
             )
         };
-        Ok(Self::watching(scope, tasks))
+        Self::watching(scope, changes, tasks)
     }
 
     /// Discovery over caches filled by someone else (tests, or a caller with its own watchers):
     /// one set for the whole cluster.
     pub fn from_caches(caches: Caches) -> Self {
-        Self::watching(Scope::Cluster(caches), Vec::new())
+        Self::watching(Scope::Cluster(caches), broadcast::channel(1).0, Vec::new())
     }
 
-    fn watching(scope: Scope, mut tasks: Vec<JoinHandle<()>>) -> Self {
+    fn watching(
+        scope: Scope,
+        changes: broadcast::Sender<String>,
+        mut tasks: Vec<JoinHandle<()>>,
+    ) -> Self {
         let synced = Arc::new(AtomicBool::new(false));
         let all: Vec<Caches> = match &scope {
             Scope::Cluster(caches) => vec![caches.clone()],
@@ -212,8 +236,15 @@ impl Discovery {
         Self {
             scope,
             synced,
+            changes,
             tasks,
         }
+    }
+
+    /// The namespace of every Pod, ReplicaSet and Deployment the watches see change (added,
+    /// modified or deleted), from now on — after the cache holds the change.
+    pub fn changes(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
     }
 
     /// Whether every cache has been filled once.
@@ -238,6 +269,21 @@ impl Discovery {
         deployment: &str,
         pod_name: &str,
     ) -> Result<Vec<PodInfo>, DiscoveryError> {
+        Ok(self
+            .pod_objects(namespace, deployment, pod_name)?
+            .into_iter()
+            .map(|(info, _)| info)
+            .collect())
+    }
+
+    /// [`Discovery::pods`], each with the pod object from the cache (for the controller, which
+    /// also needs creation times and labels).
+    pub fn pod_objects(
+        &self,
+        namespace: &str,
+        deployment: &str,
+        pod_name: &str,
+    ) -> Result<Vec<(PodInfo, Arc<Pod>)>, DiscoveryError> {
         object_name("namespace", namespace)?;
         if pod_name.is_empty() {
             object_name("deployment", deployment)?;
@@ -278,7 +324,7 @@ impl Discovery {
         let pods = caches
             .pods
             .state_filter(|pod| pod.metadata.namespace.as_deref() == Some(namespace));
-        Ok(deployment_pods(&found, &replica_sets, &pods))
+        Ok(deployment_pod_objects(&found, &replica_sets, &pods))
     }
 }
 
@@ -315,7 +361,7 @@ where
 
 /// A reflector store of `api`'s objects and the task that keeps it filled (retrying with
 /// backoff on errors, never giving up).
-fn watch<K>(api: Api<K>) -> (Store<K>, JoinHandle<()>)
+fn watch<K>(api: Api<K>, changes: broadcast::Sender<String>) -> (Store<K>, JoinHandle<()>)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
@@ -326,11 +372,15 @@ where
             .default_backoff()
             .modify(|object| object.managed_fields_mut().clear())
             .reflect(writer)
-            .applied_objects();
+            .touched_objects();
         futures::pin_mut!(events);
         while let Some(event) = events.next().await {
-            if let Err(err) = event {
-                tracing::warn!(kind = %K::kind(&K::DynamicType::default()), error = %err, "Kubernetes watch failed; retrying");
+            match event {
+                // Nobody listening is fine: the controller may not run in this process.
+                Ok(object) => drop(changes.send(object.namespace().unwrap_or_default())),
+                Err(err) => {
+                    tracing::warn!(kind = %K::kind(&K::DynamicType::default()), error = %err, "Kubernetes watch failed; retrying");
+                }
             }
         }
     });
@@ -339,9 +389,150 @@ where
 
 #[cfg(test)]
 mod tests {
-    use kube::runtime::watcher::Event;
+    use std::time::Duration;
+
+    use axum::http::{Request, Response};
+    use kube::{client::Body, runtime::watcher::Event};
+    use serde_json::{Value, json};
+    use tower_test::mock::{self, Handle, SendResponse};
 
     use super::*;
+
+    type ApiServer = Handle<Request<Body>, Response<Body>>;
+
+    /// The next request the agent sends to the (mock) API server: its path and query, and
+    /// the handle to answer it with.
+    async fn next_request(api: &mut ApiServer) -> (String, SendResponse<Response<Body>>) {
+        let (request, respond) = tokio::time::timeout(Duration::from_secs(5), api.next_request())
+            .await
+            .expect("a request within 5 s")
+            .expect("the client is alive");
+        assert_eq!(request.method(), "GET");
+        (request.uri().to_string(), respond)
+    }
+
+    fn json_response(body: &Value) -> Response<Body> {
+        Response::builder()
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap()
+    }
+
+    fn meta(name: &str, extra: Value) -> Value {
+        let mut meta = json!({"name": name, "namespace": "shop", "uid": format!("{name}-uid"),
+            "resourceVersion": "1"});
+        meta.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        meta
+    }
+
+    fn owned_by(kind: &str, name: &str) -> Value {
+        json!({"ownerReferences": [{"apiVersion": "apps/v1", "kind": kind, "name": name,
+            "uid": format!("{name}-uid"), "controller": true}]})
+    }
+
+    fn pod(name: &str) -> Value {
+        let mut metadata = meta(name, owned_by("ReplicaSet", "web-1"));
+        metadata["labels"] = json!({"app": "web"});
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata,
+            "status": {"phase": "Running", "podIP": "10.0.0.1"}})
+    }
+
+    /// The list a watcher starts with, for the object kind its request path names.
+    fn initial_list(path: &str) -> Value {
+        let (api_version, kind, items) = if path.starts_with("/api/v1/namespaces/shop/pods?") {
+            ("v1", "PodList", vec![pod("web-1-a")])
+        } else if path.starts_with("/apis/apps/v1/namespaces/shop/replicasets?") {
+            let rs = json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "metadata": meta("web-1", owned_by("Deployment", "web")),
+                "status": {"replicas": 1}});
+            ("apps/v1", "ReplicaSetList", vec![rs])
+        } else if path.starts_with("/apis/apps/v1/namespaces/shop/deployments?") {
+            let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": meta("web", json!({})),
+                "spec": {"selector": {"matchLabels": {"app": "web"}},
+                    "template": {"metadata": {"labels": {"app": "web"}}}}});
+            ("apps/v1", "DeploymentList", vec![deployment])
+        } else {
+            panic!("unexpected request {path}");
+        };
+        json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": "1"},
+            "items": items})
+    }
+
+    /// Against kube-rs' mock API server: three lists and three watches per watched namespace,
+    /// changes arriving on a watch show in the next lookup, and lookups themselves send nothing.
+    #[tokio::test]
+    async fn the_caches_follow_the_api_servers_watches_and_lookups_send_no_requests() {
+        let (service, mut api) = mock::pair::<Request<Body>, Response<Body>>();
+        let discovery = Discovery::start(&Client::new(service, "default"), &["shop".to_owned()]);
+
+        for _ in 0..3 {
+            let (path, respond) = next_request(&mut api).await;
+            assert!(!path.contains("watch=true"), "a list first: {path}");
+            respond.send_response(json_response(&initial_list(&path)));
+        }
+        let mut open_watches = Vec::new();
+        let mut pod_watch = None;
+        for _ in 0..3 {
+            let (path, respond) = next_request(&mut api).await;
+            assert!(path.contains("watch=true"), "then a watch: {path}");
+            if path.starts_with("/api/v1/namespaces/shop/pods?") {
+                pod_watch = Some(respond);
+            } else {
+                open_watches.push(respond);
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !discovery.synced() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("synced after the lists");
+        let names = |pods: Vec<PodInfo>| pods.into_iter().map(|p| p.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(discovery.pods("shop", "web", "").unwrap()),
+            ["web-1-a"]
+        );
+        assert!(matches!(
+            discovery.pods("elsewhere", "web", ""),
+            Err(DiscoveryError::NamespaceNotWatched(ns)) if ns == "elsewhere"
+        ));
+
+        // A new pod arrives on the pod watch (which then ends; the watcher resumes it).
+        let mut added = pod("web-1-b");
+        added["metadata"]["resourceVersion"] = json!("2");
+        let event = json!({"type": "ADDED", "object": added});
+        pod_watch.unwrap().send_response(
+            Response::builder()
+                .body(Body::from(format!("{event}\n").into_bytes()))
+                .unwrap(),
+        );
+        let (path, respond) = next_request(&mut api).await;
+        assert!(
+            path.contains("watch=true") && path.contains("resourceVersion=2"),
+            "the pod watch resumes from the event: {path}"
+        );
+        open_watches.push(respond);
+        assert_eq!(
+            names(discovery.pods("shop", "web", "").unwrap()),
+            ["web-1-a", "web-1-b"]
+        );
+        assert_eq!(
+            names(discovery.pods("shop", "", "web-1-b").unwrap()),
+            ["web-1-a", "web-1-b"]
+        );
+
+        // Lookups are answered from memory: the API server sees nothing more.
+        for _ in 0..1_000 {
+            discovery.pods("shop", "web", "").unwrap();
+        }
+        let more = tokio::time::timeout(Duration::from_millis(200), api.next_request()).await;
+        assert!(more.is_err(), "no request per lookup: {more:?}");
+        drop(open_watches);
+    }
 
     fn empty_caches() -> (Caches, impl FnOnce()) {
         let (pods, mut pod_writer) = reflector::store::<Pod>();
