@@ -7,7 +7,7 @@ use futures::StreamExt;
 use serde_json::json;
 
 use crate::{
-    discovery::mapping::{PodInfo, PodStatusInfo, ReplicaSetInfo},
+    discovery::mapping::PodInfo,
     grpc::pb::{self, election_client::ElectionClient},
 };
 
@@ -224,7 +224,7 @@ pub async fn run(args: ClientArgs) -> Result<(), ClientError> {
                 })
                 .await?
                 .into_inner();
-            let items: Vec<PodInfo> = r.items.into_iter().map(pod_info).collect();
+            let items: Vec<PodInfo> = r.items.into_iter().map(PodInfo::from).collect();
             json!({ "items": items })
         }
         ClientCommand::Observe { election, count } => {
@@ -252,34 +252,4 @@ pub async fn run(args: ClientArgs) -> Result<(), ClientError> {
     };
     println!("{output}");
     Ok(())
-}
-
-/// A `Pod` message as the REST API shows it (same field names, every field present).
-fn pod_info(pod: pb::Pod) -> PodInfo {
-    let status = pod.status.unwrap_or_default();
-    let rs = pod.replica_set.unwrap_or_default();
-    PodInfo {
-        name: pod.name,
-        deployment: pod.deployment,
-        ip: pod.ip,
-        status: PodStatusInfo {
-            phase: status.phase,
-            reason: status.reason,
-            terminating: status.terminating,
-            pod_scheduled: status.pod_scheduled,
-            pod_initialized: status.pod_initialized,
-            pod_ready: status.pod_ready,
-            containers_ready: status.containers_ready,
-        },
-        replica_set: ReplicaSetInfo {
-            name: rs.name,
-            revision: rs.revision,
-            available_replicas: rs.available_replicas,
-            fully_labeled_replicas: rs.fully_labeled_replicas,
-            ready_replicas: rs.ready_replicas,
-            replicas: rs.replicas,
-            desired_replicas: rs.desired_replicas,
-            max_replicas: rs.max_replicas,
-        },
-    }
 }

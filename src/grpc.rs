@@ -8,7 +8,10 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    discovery::{DiscoveryError, mapping::PodInfo},
+    discovery::{
+        DiscoveryError,
+        mapping::{PodInfo, PodStatusInfo, ReplicaSetInfo},
+    },
     election::{ElectionError, ElectionService, EventKind, LeaderEvent},
 };
 
@@ -49,31 +52,66 @@ pub fn status(err: ElectionError) -> Status {
     }
 }
 
-fn pod_message(pod: PodInfo) -> pb::Pod {
-    let (status, rs) = (pod.status, pod.replica_set);
-    pb::Pod {
-        name: pod.name,
-        deployment: pod.deployment,
-        ip: pod.ip,
-        status: Some(pb::PodStatus {
-            phase: status.phase,
-            reason: status.reason,
-            terminating: status.terminating,
-            pod_scheduled: status.pod_scheduled,
-            pod_initialized: status.pod_initialized,
-            pod_ready: status.pod_ready,
-            containers_ready: status.containers_ready,
-        }),
-        replica_set: Some(pb::ReplicaSet {
-            name: rs.name,
-            revision: rs.revision,
-            available_replicas: rs.available_replicas,
-            fully_labeled_replicas: rs.fully_labeled_replicas,
-            ready_replicas: rs.ready_replicas,
-            replicas: rs.replicas,
-            desired_replicas: rs.desired_replicas,
-            max_replicas: rs.max_replicas,
-        }),
+/// The wire message of a pod (discovery → gRPC).
+impl From<PodInfo> for pb::Pod {
+    fn from(pod: PodInfo) -> Self {
+        let (status, rs) = (pod.status, pod.replica_set);
+        pb::Pod {
+            name: pod.name,
+            deployment: pod.deployment,
+            ip: pod.ip,
+            status: Some(pb::PodStatus {
+                phase: status.phase,
+                reason: status.reason,
+                terminating: status.terminating,
+                pod_scheduled: status.pod_scheduled,
+                pod_initialized: status.pod_initialized,
+                pod_ready: status.pod_ready,
+                containers_ready: status.containers_ready,
+            }),
+            replica_set: Some(pb::ReplicaSet {
+                name: rs.name,
+                revision: rs.revision,
+                available_replicas: rs.available_replicas,
+                fully_labeled_replicas: rs.fully_labeled_replicas,
+                ready_replicas: rs.ready_replicas,
+                replicas: rs.replicas,
+                desired_replicas: rs.desired_replicas,
+                max_replicas: rs.max_replicas,
+            }),
+        }
+    }
+}
+
+/// A pod as the REST API shows it, from its wire message (the CLI client's `pods`).
+impl From<pb::Pod> for PodInfo {
+    fn from(pod: pb::Pod) -> Self {
+        let status = pod.status.unwrap_or_default();
+        let rs = pod.replica_set.unwrap_or_default();
+        Self {
+            name: pod.name,
+            deployment: pod.deployment,
+            ip: pod.ip,
+            status: PodStatusInfo {
+                phase: status.phase,
+                reason: status.reason,
+                terminating: status.terminating,
+                pod_scheduled: status.pod_scheduled,
+                pod_initialized: status.pod_initialized,
+                pod_ready: status.pod_ready,
+                containers_ready: status.containers_ready,
+            },
+            replica_set: ReplicaSetInfo {
+                name: rs.name,
+                revision: rs.revision,
+                available_replicas: rs.available_replicas,
+                fully_labeled_replicas: rs.fully_labeled_replicas,
+                ready_replicas: rs.ready_replicas,
+                replicas: rs.replicas,
+                desired_replicas: rs.desired_replicas,
+                max_replicas: rs.max_replicas,
+            },
+        }
     }
 }
 
@@ -228,7 +266,7 @@ impl pb::election_server::Election for ElectionGrpc {
             .await
             .map_err(status)?;
         Ok(Response::new(pb::Pods {
-            items: pods.into_iter().map(pod_message).collect(),
+            items: pods.into_iter().map(pb::Pod::from).collect(),
         }))
     }
 
@@ -246,5 +284,40 @@ impl pb::election_server::Election for ElectionGrpc {
             .map_err(status)?;
         let events = events.map(|event| event.map(event_message).map_err(status));
         Ok(Response::new(Box::pin(events)))
+    }
+}
+
+#[cfg(test)]
+mod pod_tests {
+    use super::*;
+    use crate::discovery::mapping::{PodStatusInfo, ReplicaSetInfo};
+
+    #[test]
+    fn a_pod_survives_the_wire_and_back_field_for_field() {
+        let pod = PodInfo {
+            name: "web-2-a".into(),
+            deployment: "web".into(),
+            ip: "10.0.0.3".into(),
+            status: PodStatusInfo {
+                phase: "Running".into(),
+                reason: "Evicted".into(),
+                terminating: true,
+                pod_scheduled: true,
+                pod_initialized: false,
+                pod_ready: true,
+                containers_ready: false,
+            },
+            replica_set: ReplicaSetInfo {
+                name: "web-2".into(),
+                revision: 2,
+                available_replicas: 3,
+                fully_labeled_replicas: 4,
+                ready_replicas: 5,
+                replicas: 6,
+                desired_replicas: 7,
+                max_replicas: 8,
+            },
+        };
+        assert_eq!(PodInfo::from(pb::Pod::from(pod.clone())), pod);
     }
 }
