@@ -157,19 +157,8 @@ fn status_info(pod: &Pod) -> PodStatusInfo {
 /// matches whose controller is a ReplicaSet controlled by this very Deployment (owner UIDs, so a
 /// re-created Deployment of the same name does not adopt its predecessor's pods). Objects of
 /// other namespaces among `replica_sets` and `pods` are ignored.
+/// Each pod comes with the object it was read from (the controller needs its labels and age).
 pub fn deployment_pods(
-    deployment: &Deployment,
-    replica_sets: &[Arc<ReplicaSet>],
-    pods: &[Arc<Pod>],
-) -> Vec<PodInfo> {
-    deployment_pod_objects(deployment, replica_sets, pods)
-        .into_iter()
-        .map(|(info, _)| info)
-        .collect()
-}
-
-/// [`deployment_pods`], each with the pod object it was read from.
-pub fn deployment_pod_objects(
     deployment: &Deployment,
     replica_sets: &[Arc<ReplicaSet>],
     pods: &[Arc<Pod>],
@@ -233,6 +222,18 @@ mod tests {
     };
 
     use super::*;
+
+    /// The pods' wire views only.
+    fn deployment_pods(
+        deployment: &Deployment,
+        replica_sets: &[Arc<ReplicaSet>],
+        pods: &[Arc<Pod>],
+    ) -> Vec<PodInfo> {
+        super::deployment_pods(deployment, replica_sets, pods)
+            .into_iter()
+            .map(|(info, _)| info)
+            .collect()
+    }
 
     fn labels(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {
         Some(

@@ -33,9 +33,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::{sync::broadcast, task::JoinHandle};
 
-use self::mapping::{
-    PodInfo, controlling_deployment, controlling_replica_set, deployment_pod_objects,
-};
+use self::mapping::{PodInfo, controlling_deployment, controlling_replica_set, deployment_pods};
 use crate::lease::InvalidArgument;
 
 /// Why pods could not be listed.
@@ -324,7 +322,7 @@ impl Discovery {
         let pods = caches
             .pods
             .state_filter(|pod| pod.metadata.namespace.as_deref() == Some(namespace));
-        Ok(deployment_pod_objects(&found, &replica_sets, &pods))
+        Ok(deployment_pods(&found, &replica_sets, &pods))
     }
 }
 

@@ -39,7 +39,10 @@ use self::{
     crd::{Election, ElectionStatus, term_ms},
     plan::{LabelMove, LeaseAction, LeaseView, Observed, PodState},
 };
-use crate::election::{ElectionError, ElectionService};
+use crate::{
+    election::{ElectionError, ElectionService},
+    lease::FencingToken,
+};
 
 /// The finalizer that lets the controller give up an Election's lease before it is deleted.
 pub const FINALIZER: &str = "election-agent.io/lease";
@@ -441,37 +444,51 @@ async fn apply(election: &Election, ctx: &Context) -> Result<Action, OperatorErr
         && pods_error.is_none()
         && plan::owns_lease(election, &conflicts);
     let mut action_error = None;
-    if acts {
+    let mut lease = read_lease(election, ctx).await;
+    if acts && let Ok(current) = &lease {
         let term = term.unwrap_or_default();
-        let lease = read_lease(election, ctx).await;
-        if let Ok(lease) = lease {
-            let leader = lease.as_ref().map(|l| l.leader.as_str());
-            let decided = plan::lease_action(leader, &pods, election.spec.prefer_newest_revision);
-            let (kind, name) = (&election.spec.kind, election.lease_name());
-            let done = match &decided {
-                LeaseAction::Extend(pod) => ctx
-                    .service
-                    .extend(kind, &name, pod, term, 0, 0)
-                    .await
-                    .map(drop),
-                LeaseAction::Handover(pod) => {
-                    ctx.service.handover(kind, &name, pod, term).await.map(drop)
-                }
-                LeaseAction::Resign(pod) => ctx.service.resign(kind, &name, pod).await,
-                LeaseAction::Nothing => Ok(()),
-            };
-            match done {
-                Ok(()) => {}
-                // Someone else changed the lease in between: the change triggers a new round.
-                Err(ElectionError::HeldByOther { .. } | ElectionError::NoLeader { .. }) => {}
-                // A term outside the agent's bounds: nothing to retry until the spec changes.
-                Err(ElectionError::InvalidArgument(err)) => spec_error = Some(err.to_string()),
-                Err(err) => action_error = Some(err),
+        let leader = current.as_ref().map(|l| l.leader.as_str());
+        let decided = plan::lease_action(leader, &pods, election.spec.prefer_newest_revision);
+        // The command's answer says what the lease is now: no second read of the store.
+        let leading = |pod: &str, token: FencingToken| {
+            Ok(Some(LeaseView {
+                leader: pod.to_owned(),
+                token: token.0,
+                ttl_ms: u64::try_from(term).unwrap_or_default(),
+            }))
+        };
+        let (kind, name) = (&election.spec.kind, election.lease_name());
+        let done = match &decided {
+            LeaseAction::Extend(pod) => ctx
+                .service
+                .extend(kind, &name, pod, term, 0, 0)
+                .await
+                .map(|token| leading(pod, token)),
+            LeaseAction::Handover(pod) => ctx
+                .service
+                .handover(kind, &name, pod, term)
+                .await
+                .map(|token| leading(pod, token)),
+            LeaseAction::Resign(pod) => ctx
+                .service
+                .resign(kind, &name, pod)
+                .await
+                .map(|()| Ok(None)),
+            LeaseAction::Nothing => Ok(lease.clone()),
+        };
+        match done {
+            Ok(now) => lease = now,
+            // Someone else changed the lease in between: read what it is now (the change also
+            // triggers a new round).
+            Err(ElectionError::HeldByOther { .. } | ElectionError::NoLeader { .. }) => {
+                lease = read_lease(election, ctx).await;
             }
+            // A term outside the agent's bounds: nothing to retry until the spec changes.
+            Err(ElectionError::InvalidArgument(err)) => spec_error = Some(err.to_string()),
+            Err(err) => action_error = Some(err),
         }
     }
 
-    let lease = read_lease(election, ctx).await;
     if acts && let Ok(lease) = &lease {
         let leader = lease.as_ref().map(|l| l.leader.as_str());
         move_labels(election, ctx, &namespace, &pods, leader).await?;
@@ -854,6 +871,19 @@ mod tests {
             action,
             Action::requeue(Duration::from_secs(5)),
             "renewed every third of the term"
+        );
+        let reads: u64 = service
+            .metrics()
+            .encode()
+            .lines()
+            .filter(|l| {
+                l.starts_with("election_agent_request_duration_seconds_count{action=\"get_leader\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert_eq!(
+            reads, 1,
+            "one read of the lease per reconcile; the handover's answer tells the rest"
         );
         let lease = service.leader("default", "jobs").await.unwrap();
         assert_eq!((lease.leader.as_str(), lease.token.0), ("web-2-a", 2));
