@@ -244,7 +244,7 @@ pub async fn run(args: ClientArgs) -> Result<(), ClientError> {
                     .unwrap_or_else(|_| e.r#type.to_string());
                 println!(
                     "{}",
-                    json!({"type": kind, "election": e.election, "kind": e.kind, "leader": e.leader, "fencing_token": e.fencing_token})
+                    json!({"type": kind, "election": e.election, "kind": e.kind, "leader": e.leader, "fencing_token": e.fencing_token, "version": e.version})
                 );
             }
             return Ok(());

@@ -95,6 +95,8 @@ settings! {
         "Sentinel master name (failover mode)";
     "EA_REDIS_OPERATION_TIMEOUT" ["EA_REDIS_OPEARATION_TIMEOUT"] => "redis.operation_timeout" = "3s",
         "how long a store operation may take before the request fails with FAILED_PRECONDITION";
+    "EA_REDIS_SERVER_TIMEOUT" => "redis.server_timeout" = "100ms",
+        "Redlock: how long to wait for one server before deciding without it (at most a tenth of the command's term, at most EA_REDIS_OPERATION_TIMEOUT)";
     "EA_LEASE_MIN_TERM" => "lease.min_term" = "1s",
         "shortest term a request may ask for";
     "EA_LEASE_MAX_TERM" => "lease.max_term" = "1d",
@@ -235,6 +237,8 @@ pub struct StoreConfig {
     pub master: String,
     /// Per-operation timeout.
     pub operation_timeout: Duration,
+    /// Redlock: how long to wait for one server's answer before deciding without it.
+    pub server_timeout: Duration,
     /// Key prefix.
     pub key_prefix: String,
 }
@@ -538,6 +542,16 @@ impl Values {
             ));
         }
         let operation_timeout = self.get("EA_REDIS_OPERATION_TIMEOUT", positive_duration)?;
+        let server_timeout = self.get("EA_REDIS_SERVER_TIMEOUT", positive_duration)?;
+        if server_timeout > operation_timeout {
+            return Err(self.conflict(
+                "EA_REDIS_SERVER_TIMEOUT",
+                format!(
+                    "must not be longer than EA_REDIS_OPERATION_TIMEOUT ({} ms)",
+                    operation_timeout.as_millis()
+                ),
+            ));
+        }
 
         let min = self.get("EA_LEASE_MIN_TERM", term)?;
         let max = self.get("EA_LEASE_MAX_TERM", term)?;
@@ -570,6 +584,7 @@ impl Values {
                 urls,
                 master,
                 operation_timeout,
+                server_timeout,
                 key_prefix,
             },
             terms: TermBounds { min, max },
@@ -688,6 +703,7 @@ mod tests {
         assert_eq!(config.store.mode, StoreMode::Memory);
         assert_eq!(config.store.key_prefix, "ela");
         assert_eq!(config.store.operation_timeout, Duration::from_secs(3));
+        assert_eq!(config.store.server_timeout, Duration::from_millis(100));
         assert_eq!(config.terms, TermBounds::default());
         assert_eq!(config.environment, Environment::Production);
         assert!(config.request_duration_buckets.contains(&0.25));
@@ -750,6 +766,12 @@ mod tests {
             ("EA_BIND_ADDRESS", "localhost", "IP address"),
             ("EA_KEY_PREFIX", "a*b", "only letters"),
             ("EA_LEASE_MAX_TERM", "500ms", "EA_LEASE_MIN_TERM"),
+            (
+                "EA_REDIS_SERVER_TIMEOUT",
+                "5s",
+                "EA_REDIS_OPERATION_TIMEOUT",
+            ),
+            ("EA_REDIS_SERVER_TIMEOUT", "0ms", "longer than zero"),
         ];
         for (key, value, allowed) in cases {
             let err = Sources::default()

@@ -14,17 +14,24 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     discovery::{Discovery, DiscoveryError, mapping::PodInfo},
     lease::{
-        ChangeCause, Command, ElectionKey, FencingToken, InvalidArgument, LeaderInfo, Name,
-        Outcome, TermBounds,
+        ChangeCause, Command, ElectionKey, FencingToken, InvalidArgument, LeaderInfo, Leadership,
+        Name, Outcome, TermBounds, Version,
     },
     metrics::{Action, Metrics},
-    store::{LeaseStore, Store, StoreError},
+    store::{LeaseStore, Store, StoreError, StoreEvent},
 };
 
 /// Most retries an ExtendElectedTerm request may ask for.
 pub const MAX_RETRIES: u64 = 10;
 /// Longest pause between retries an ExtendElectedTerm request may ask for, in milliseconds.
 pub const MAX_RETRY_INTERVAL_MS: u64 = 1_000;
+
+/// How often an Observe stream of an election without a leader reads it again, in case an
+/// announcement was lost without a trace (an agent that died between its write and its
+/// announcement). Streams of a led election read it when its term runs out.
+const IDLE_RECHECK: Duration = Duration::from_secs(10);
+/// How soon an Observe stream tries again when a read failed (the store is unavailable).
+const RECHECK_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +92,9 @@ pub struct Campaigned {
 /// What an Observe stream reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
-    /// Who leads right now (first event of every stream, and after falling behind).
+    /// Who leads right now, as read from the store: the first event of every stream, and a
+    /// resynchronisation whenever the stream may have missed changes (it fell behind, or the
+    /// agent's subscription to the store was lost) — what happened in between is not replayed.
     Current,
     /// A candidate took an election that had no live leader.
     Elected,
@@ -109,6 +118,8 @@ pub struct LeaderEvent {
     pub leader: Option<Name>,
     /// The fencing token of that leader's lease (0 when nobody leads).
     pub token: FencingToken,
+    /// Where this state stands in the election's history: strictly increasing along a stream.
+    pub version: Version,
 }
 
 /// The election service; cheap to clone (one `Arc` inside).
@@ -156,8 +167,9 @@ impl ElectionService {
         self.inner.discovery.as_ref()
     }
 
-    /// Every lease change made from now on, by this agent or (through the store) any other.
-    pub fn lease_changes(&self) -> tokio::sync::broadcast::Receiver<crate::store::LeaseChange> {
+    /// Every lease change made from now on, by this agent or (through the store) any other, and
+    /// a [`StoreEvent::Resync`] whenever some may have been missed.
+    pub fn lease_changes(&self) -> tokio::sync::broadcast::Receiver<StoreEvent> {
         self.inner.store.subscribe()
     }
 
@@ -301,8 +313,9 @@ impl ElectionService {
             let key = election_key(kind, election)?;
             self.inner
                 .store
-                .leader(&key)
+                .leadership(&key)
                 .await?
+                .leader
                 .ok_or(ElectionError::NoLeader { election: key })
         })
         .await
@@ -355,17 +368,17 @@ impl ElectionService {
 
     /// The current leader of an election at once, then every change of leadership, until the
     /// agent shuts down. Validation and the first read happen before the stream is returned, so
-    /// their errors reach the caller as a plain error.
+    /// their errors reach the caller as a plain error; later, while the store is unavailable,
+    /// the stream stays open and reads the election again once it is back.
     pub async fn observe(
         &self,
         kind: &str,
         election: &str,
-    ) -> Result<impl Stream<Item = Result<LeaderEvent, ElectionError>> + Send + use<>, ElectionError>
-    {
+    ) -> Result<impl Stream<Item = LeaderEvent> + Send + use<>, ElectionError> {
         let key = election_key(kind, election)?;
         // Subscribe before reading, so no change can fall between the read and the subscription.
         let changes = self.inner.store.subscribe();
-        let current = self.inner.store.leader(&key).await?;
+        let current = self.inner.store.leadership(&key).await?;
         Ok(observe(self.inner.clone(), key, changes, current))
     }
 
@@ -426,79 +439,152 @@ impl Tracked {
     }
 }
 
-fn observe(
-    inner: Arc<Inner>,
+/// What one Observe stream knows: the last version it reported, and the leader it tracks.
+struct Observer {
     election: ElectionKey,
-    mut changes: tokio::sync::broadcast::Receiver<crate::store::LeaseChange>,
-    current: Option<LeaderInfo>,
-) -> impl Stream<Item = Result<LeaderEvent, ElectionError>> + Send + 'static {
-    async_stream::stream! {
-        let _in_flight = inner.metrics.start(Action::Observe);
-        let event = |kind, leader: Option<&Tracked>| LeaderEvent {
+    seen: Version,
+    current: Option<Tracked>,
+    /// When to read the election again if nothing else happens.
+    recheck: Instant,
+}
+
+impl Observer {
+    fn event(&self, kind: EventKind, leader: Option<&Tracked>, version: Version) -> LeaderEvent {
+        LeaderEvent {
             kind,
-            election: election.clone(),
+            election: self.election.clone(),
             leader: leader.map(|l| l.leader.clone()),
             token: leader.map(|l| l.token).unwrap_or_default(),
+            version,
+        }
+    }
+
+    fn tracking(&mut self, current: Option<Tracked>) {
+        self.recheck = match &current {
+            Some(tracked) => tracked.deadline,
+            None => Instant::now() + IDLE_RECHECK.mul_f64(0.8 + 0.4 * fastrand::f64()),
         };
-        let mut current = current.map(Tracked::from_info);
-        yield Ok(event(EventKind::Current, current.as_ref()));
-        loop {
-            let deadline = current.as_ref().map(|c| c.deadline);
-            tokio::select! {
-                () = inner.shutdown.cancelled() => break,
-                received = changes.recv() => match received {
-                    Ok(change) if change.election == election => {
-                        let kind = match change.cause {
-                            ChangeCause::Elected => Some(EventKind::Elected),
-                            ChangeCause::HandedOver => Some(EventKind::HandedOver),
-                            ChangeCause::Resigned => Some(EventKind::Resigned),
-                            ChangeCause::Renewed => None,
-                        };
-                        let tracked = Tracked::from_info(change.leader);
-                        if let Some(kind) = kind {
-                            yield Ok(event(kind, Some(&tracked)));
-                        }
-                        current = (change.cause != ChangeCause::Resigned).then_some(tracked);
-                    }
-                    Ok(_) => {}
-                    Err(RecvError::Lagged(_)) => {
-                        // Fell behind: resynchronise from the store and say who leads now.
-                        match inner.store.leader(&election).await {
-                            Ok(info) => {
-                                current = info.map(Tracked::from_info);
-                                yield Ok(event(EventKind::Current, current.as_ref()));
-                            }
-                            Err(err) => { yield Err(err.into()); break; }
-                        }
-                    }
-                    Err(RecvError::Closed) => break,
-                },
-                () = sleep_until(deadline) => {
-                    // The term ran out unless it was renewed without us hearing: ask the store.
-                    match inner.store.leader(&election).await {
-                        Ok(Some(info)) => {
-                            let renewed = Tracked::from_info(info);
-                            if current.as_ref().is_some_and(|c| c.token != renewed.token) {
-                                yield Ok(event(EventKind::Elected, Some(&renewed)));
-                            }
-                            current = Some(renewed);
-                        }
-                        Ok(None) => {
-                            yield Ok(event(EventKind::Expired, current.as_ref()));
-                            current = None;
-                        }
-                        Err(err) => { yield Err(err.into()); break; }
-                    }
-                }
+        self.current = current;
+    }
+
+    /// The first event of a stream: the state read just before it was returned.
+    fn start(&mut self, now: Leadership) -> LeaderEvent {
+        self.seen = now.version();
+        self.tracking(now.leader.map(Tracked::from_info));
+        self.event(EventKind::Current, self.current.as_ref(), self.seen)
+    }
+
+    /// A change announced by the store: reported only if newer than anything reported yet.
+    fn changed(&mut self, change: crate::store::LeaseChange) -> Option<LeaderEvent> {
+        let version = change.version();
+        let kind = match change.cause {
+            ChangeCause::Elected => EventKind::Elected,
+            ChangeCause::HandedOver => EventKind::HandedOver,
+            ChangeCause::Resigned => EventKind::Resigned,
+            ChangeCause::Renewed => return None,
+        };
+        if version <= self.seen {
+            return None; // an echo, a copy, or a late message of an older state
+        }
+        self.seen = version;
+        let tracked = Tracked::from_info(change.leader);
+        let event = self.event(kind, Some(&tracked), version);
+        self.tracking((kind != EventKind::Resigned).then_some(tracked));
+        Some(event)
+    }
+
+    /// The state read from the store now: what it tells that the stream has not reported yet.
+    fn read(&mut self, now: Leadership) -> Option<LeaderEvent> {
+        let version = now.version();
+        let tracked = self.current.take();
+        match (tracked, now.leader) {
+            // The lease we tracked ran out, and nothing happened since.
+            (Some(tracked), None) if version > self.seen && now.token == tracked.token => {
+                self.seen = version;
+                let event = self.event(EventKind::Expired, Some(&tracked), version);
+                self.tracking(None);
+                Some(event)
+            }
+            // Something happened that the stream was not told of: say how things stand now.
+            (_, leader) if version > self.seen => {
+                self.seen = version;
+                self.tracking(leader.map(Tracked::from_info));
+                Some(self.event(EventKind::Current, self.current.as_ref(), version))
+            }
+            // A majority says nobody leads, though the servers that answered vouch for no newer
+            // token (they diverged): the lease we tracked is over all the same.
+            (Some(tracked), None) => {
+                let ended = Version::ended(tracked.token);
+                let event = (ended > self.seen).then(|| {
+                    self.seen = ended;
+                    self.event(EventKind::Expired, Some(&tracked), ended)
+                });
+                self.tracking(None);
+                event
+            }
+            // Renewed: track the new expiry.
+            (Some(tracked), Some(info)) if info.leader == tracked.leader => {
+                self.tracking(Some(Tracked::from_info(info)));
+                None
+            }
+            (tracked, _) => {
+                self.tracking(tracked);
+                None
             }
         }
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
+fn observe(
+    inner: Arc<Inner>,
+    election: ElectionKey,
+    mut changes: tokio::sync::broadcast::Receiver<StoreEvent>,
+    current: Leadership,
+) -> impl Stream<Item = LeaderEvent> + Send + 'static {
+    async_stream::stream! {
+        let _in_flight = inner.metrics.start(Action::Observe);
+        let mut observer = Observer {
+            election: election.clone(),
+            seen: Version::default(),
+            current: None,
+            recheck: Instant::now(),
+        };
+        yield observer.start(current);
+        loop {
+            let read_now = tokio::select! {
+                () = inner.shutdown.cancelled() => break,
+                received = changes.recv() => match received {
+                    Ok(StoreEvent::Changed(change)) => {
+                        if change.election == election
+                            && let Some(event) = observer.changed(change)
+                        {
+                            yield event;
+                        }
+                        false
+                    }
+                    // Changes may have been missed: read how things stand.
+                    Ok(StoreEvent::Resync) | Err(RecvError::Lagged(_)) => true,
+                    Err(RecvError::Closed) => break,
+                },
+                // The term ran out unless it was renewed without us hearing, or it is time to
+                // look again at an election nobody leads: ask the store.
+                () = tokio::time::sleep_until(observer.recheck) => true,
+            };
+            if read_now {
+                match inner.store.leadership(&election).await {
+                    Ok(now) => {
+                        if let Some(event) = observer.read(now) {
+                            yield event;
+                        }
+                    }
+                    // The store is unavailable: keep the stream, look again soon.
+                    Err(err) => {
+                        tracing::debug!(%election, error = %err, "Observe cannot read the election");
+                        observer.recheck = Instant::now() + RECHECK_AFTER_FAILURE;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -635,8 +721,7 @@ mod tests {
             let event = tokio::time::timeout(Duration::from_secs(3), events.next())
                 .await
                 .expect("event in time")
-                .expect("stream open")
-                .expect("no error");
+                .expect("stream open");
             (
                 event.kind,
                 event.leader.map(|l| l.to_string()),
@@ -679,10 +764,7 @@ mod tests {
             shutdown.clone(),
         );
         let mut events = Box::pin(s.observe("", "e").await.unwrap());
-        assert_eq!(
-            events.next().await.unwrap().unwrap().kind,
-            EventKind::Current
-        );
+        assert_eq!(events.next().await.unwrap().kind, EventKind::Current);
         shutdown.cancel();
         assert!(
             tokio::time::timeout(Duration::from_secs(1), events.next())

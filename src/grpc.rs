@@ -142,6 +142,7 @@ fn event_message(event: LeaderEvent) -> pb::LeaderEvent {
         kind: event.election.kind.to_string(),
         leader: event.leader.map(|l| l.to_string()).unwrap_or_default(),
         fencing_token: event.token.0,
+        version: event.version.0,
     }
 }
 
@@ -282,7 +283,7 @@ impl pb::election_server::Election for ElectionGrpc {
             .observe(&r.kind, &r.election)
             .await
             .map_err(status)?;
-        let events = events.map(|event| event.map(event_message).map_err(status));
+        let events = events.map(|event| Ok(event_message(event)));
         Ok(Response::new(Box::pin(events)))
     }
 }

@@ -286,6 +286,10 @@ pub struct WatchEvent {
     leader: String,
     /// That leader's fencing token.
     fencing_token: u64,
+    /// Where this state stands in the election's history: strictly increasing along a stream
+    /// (also the SSE `id`). A `current` event after the first is a resynchronisation: changes
+    /// between it and the event before may have been missed.
+    version: u64,
 }
 
 /// Probe result.
@@ -465,9 +469,11 @@ fn watch_event(event: LeaderEvent) -> sse::Event {
         election: event.election.election.to_string(),
         leader: event.leader.map(|l| l.to_string()).unwrap_or_default(),
         fencing_token: event.token.0,
+        version: event.version.0,
     };
     sse::Event::default()
         .event(kind)
+        .id(event.version.to_string())
         .json_data(body)
         .unwrap_or_default()
 }
@@ -476,7 +482,9 @@ fn watch_event(event: LeaderEvent) -> sse::Event {
     params(("kind" = String, Path, description = "Kind of the election"), ("name" = String, Path, description = "Election")),
     responses(
         (status = 200, description = "Server-Sent Events: the current leader at once, then every change \
-            (elected, handed_over, resigned, expired); an `error` event ends the stream if the store fails",
+            (elected, handed_over, resigned, expired), each with a strictly increasing `version` (also \
+            the event `id`); a later `current` event is a resynchronisation after changes may have been \
+            missed. While the store is unavailable the stream stays open and resynchronises once it is back",
             content_type = "text/event-stream", body = WatchEvent),
         (status = 400, description = "Invalid kind or name", body = ErrorBody),
         (status = 412, description = "Lease store unavailable", body = ErrorBody),
@@ -486,17 +494,7 @@ async fn watch(
     Path((kind, name)): Path<(String, String)>,
 ) -> Result<sse::Sse<impl Stream<Item = Result<sse::Event, Infallible>>>, ApiError> {
     let events = state.service.observe(&kind, &name).await?;
-    let events = events.map(|event| {
-        Ok(match event {
-            Ok(event) => watch_event(event),
-            Err(err) => sse::Event::default()
-                .event("error")
-                .json_data(ErrorBody {
-                    message: err.to_string(),
-                })
-                .unwrap_or_default(),
-        })
-    });
+    let events = events.map(|event| Ok(watch_event(event)));
     Ok(sse::Sse::new(events).keep_alive(sse::KeepAlive::default()))
 }
 

@@ -184,6 +184,36 @@ impl fmt::Display for FencingToken {
     }
 }
 
+/// Orders the states one election's leadership goes through, so that an observer can tell a
+/// newer announcement from an older or repeated one — in every store, Redlock included.
+///
+/// It is derived from the fencing token, which only ever increases and which Redlock already
+/// makes durable on a majority before reporting it: `2·token` while the lease that token was
+/// issued for is live, `2·token + 1` once that lease has ended (resigned or expired). A per-server
+/// counter would not do: N Redlock servers count differently. Renewals keep the version, as they
+/// change nothing an observer is told.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Version(pub u64);
+
+impl Version {
+    /// The version of the lease issued with `token`, while it is live.
+    pub const fn leading(token: FencingToken) -> Self {
+        Self(token.0.saturating_mul(2))
+    }
+
+    /// The version once the lease issued with `token` has ended, or of an election that never
+    /// had a leader (token 0).
+    pub const fn ended(token: FencingToken) -> Self {
+        Self(token.0.saturating_mul(2).saturating_add(1))
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// Who holds an election's lease and until when.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -221,6 +251,14 @@ impl LeaseRecord {
         })
     }
 
+    /// What a read at `now` reports.
+    pub fn leadership(&self, now: u64) -> Leadership {
+        Leadership {
+            leader: self.leader(now),
+            token: self.token,
+        }
+    }
+
     fn granted(&self, holder: &Name, token: FencingToken, term: Term, now: u64) -> Self {
         Self {
             token,
@@ -228,6 +266,40 @@ impl LeaseRecord {
                 holder: holder.clone(),
                 expires_at: now.saturating_add(term.0),
             }),
+        }
+    }
+
+    /// A lease for `holder` until `now + term` with `token` — except that the live lease of that
+    /// same holder is never shortened: asking for less than what is left keeps the later expiry.
+    /// A renewal whose answer is lost (a timeout, a server that applies it late) must not end a
+    /// term its holder still counts on.
+    fn extended(&self, holder: &Name, token: FencingToken, term: Term, now: u64) -> Self {
+        let mut next = self.granted(holder, token, term, now);
+        if let (Some(next), Some(current)) = (next.lease.as_mut(), self.live(now))
+            && current.holder == *holder
+        {
+            next.expires_at = next.expires_at.max(current.expires_at);
+        }
+        next
+    }
+}
+
+/// What a read of one election finds: its live leader, if any, and the fencing token of the
+/// last lease (the leader's own while one leads).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Leadership {
+    /// The live leader.
+    pub leader: Option<LeaderInfo>,
+    /// The fencing token of the current or last lease; 0 before the first.
+    pub token: FencingToken,
+}
+
+impl Leadership {
+    /// The version of this state (see [`Version`]).
+    pub fn version(&self) -> Version {
+        match self.leader {
+            Some(_) => Version::leading(self.token),
+            None => Version::ended(self.token),
         }
     }
 }
@@ -394,11 +466,12 @@ pub fn decide(record: &LeaseRecord, command: &Command, now: u64) -> Decision {
                 change: None,
             },
         },
+        // To the live holder itself, a handover is a renewal with a new token.
         Command::Handover { leader, term } => {
             let token = record.token.next();
             Decision::changed(
                 Outcome::HandedOver { token },
-                record.granted(leader, token, *term, now),
+                record.extended(leader, token, *term, now),
                 ChangeCause::HandedOver,
             )
         }
@@ -410,7 +483,7 @@ fn renew(record: &LeaseRecord, holder: &Name, term: Term, now: u64) -> Decision 
         Outcome::Leading {
             token: record.token,
         },
-        record.granted(holder, record.token, term, now),
+        record.extended(holder, record.token, term, now),
         ChangeCause::Renewed,
     )
 }
@@ -579,6 +652,84 @@ mod tests {
                 handed(8),
             ],
         );
+    }
+
+    #[test]
+    fn a_renewal_never_shortens_a_live_lease() {
+        let long = record(7, Some(("a", NOW + 60_000)));
+        for command in [
+            Command::Campaign {
+                candidate: name("a"),
+                term: TERM,
+            },
+            Command::Extend {
+                leader: name("a"),
+                term: TERM,
+            },
+        ] {
+            let decision = decide(&long, &command, NOW);
+            assert_eq!(decision.outcome, leading(7), "{command:?}");
+            assert_eq!(
+                decision.next,
+                Some(long.clone()),
+                "{command:?} kept the expiry"
+            );
+        }
+        let to_self = decide(
+            &long,
+            &Command::Handover {
+                leader: name("a"),
+                term: TERM,
+            },
+            NOW,
+        );
+        assert_eq!(
+            to_self.next,
+            Some(record(8, Some(("a", NOW + 60_000)))),
+            "a handover to the live holder renews with a new token, never shorter"
+        );
+        let to_other = decide(
+            &long,
+            &Command::Handover {
+                leader: name("b"),
+                term: TERM,
+            },
+            NOW,
+        );
+        assert_eq!(
+            to_other.next,
+            granted(8, "b"),
+            "another holder gets its own term"
+        );
+        // A longer term extends it, as always.
+        let short = record(7, Some(("a", NOW + 10)));
+        let decision = decide(
+            &short,
+            &Command::Extend {
+                leader: name("a"),
+                term: TERM,
+            },
+            NOW,
+        );
+        assert_eq!(decision.next, granted(7, "a"));
+    }
+
+    #[test]
+    fn versions_order_every_announced_state_of_an_election() {
+        let t = FencingToken;
+        assert!(Version::leading(t(3)) < Version::ended(t(3)));
+        assert!(Version::ended(t(3)) < Version::leading(t(4)));
+        assert_eq!(Version::ended(t(0)), Version(1), "never led");
+        let read = |leader: Option<&str>, token| Leadership {
+            leader: leader.map(|l| LeaderInfo {
+                leader: name(l),
+                token: t(token),
+                ttl_ms: 1,
+            }),
+            token: t(token),
+        };
+        assert_eq!(read(Some("a"), 3).version(), Version::leading(t(3)));
+        assert_eq!(read(None, 3).version(), Version::ended(t(3)));
     }
 
     #[test]

@@ -245,7 +245,7 @@ async fn every_client_command_drives_its_rpc_and_prints_the_answer_as_json() {
     let (current, mut events) = first.await.unwrap();
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&current).unwrap(),
-        json!({"type": "current", "election": "jobs", "kind": "default", "leader": "", "fencing_token": 0})
+        json!({"type": "current", "election": "jobs", "kind": "default", "leader": "", "fencing_token": 0, "version": 1})
     );
 
     assert_eq!(
@@ -299,9 +299,9 @@ async fn every_client_command_drives_its_rpc_and_prints_the_answer_as_json() {
     assert_eq!(
         seen,
         [
-            json!({"type": "elected", "election": "jobs", "kind": "default", "leader": "alice", "fencing_token": 1}),
-            json!({"type": "handed_over", "election": "jobs", "kind": "default", "leader": "bob", "fencing_token": 2}),
-            json!({"type": "resigned", "election": "jobs", "kind": "default", "leader": "bob", "fencing_token": 2}),
+            json!({"type": "elected", "election": "jobs", "kind": "default", "leader": "alice", "fencing_token": 1, "version": 2}),
+            json!({"type": "handed_over", "election": "jobs", "kind": "default", "leader": "bob", "fencing_token": 2, "version": 4}),
+            json!({"type": "resigned", "election": "jobs", "kind": "default", "leader": "bob", "fencing_token": 2, "version": 5}),
         ]
     );
 

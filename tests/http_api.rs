@@ -456,17 +456,21 @@ struct EventReader {
 }
 
 impl EventReader {
-    /// The next event's `event` field and `data` as JSON; keep-alive comments are skipped.
+    /// The next event's `event` field and `data` as JSON; keep-alive comments are skipped, and
+    /// the SSE `id` must be the event's version.
     /// Fails the test when no event arrives within [`WAIT`] or the stream ends.
     async fn next(&mut self) -> (String, Value) {
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
                 let block: String = self.buffer.drain(..end + 2).collect();
                 let mut event = None;
+                let mut id = None;
                 let mut data = String::new();
                 for line in block.lines() {
                     if let Some(value) = line.strip_prefix("event:") {
                         event = Some(value.trim().to_owned());
+                    } else if let Some(value) = line.strip_prefix("id:") {
+                        id = Some(value.trim().to_owned());
                     } else if let Some(value) = line.strip_prefix("data:") {
                         data.push_str(value.trim_start());
                     }
@@ -476,8 +480,13 @@ impl EventReader {
                 }
                 let event =
                     event.unwrap_or_else(|| panic!("SSE event without `event:`: {block:?}"));
-                let data = serde_json::from_str(&data)
+                let data: Value = serde_json::from_str(&data)
                     .unwrap_or_else(|err| panic!("SSE data is not JSON ({err}): {block:?}"));
+                assert_eq!(
+                    id,
+                    Some(data["version"].to_string()),
+                    "the SSE id is the event's version: {block:?}"
+                );
                 return (event, data);
             }
             let frame = tokio::time::timeout(WAIT, self.body.frame())
@@ -527,7 +536,7 @@ async fn watch_says_nobody_leads_then_reports_the_election_made_through_the_rout
     assert_eq!(event, "current");
     assert_eq!(
         data,
-        json!({"type": "current", "kind": "k", "election": "e", "leader": "", "fencing_token": 0})
+        json!({"type": "current", "kind": "k", "election": "e", "leader": "", "fencing_token": 0, "version": 1})
     );
 
     // Campaigns in another election and kind are not reported.
@@ -542,7 +551,7 @@ async fn watch_says_nobody_leads_then_reports_the_election_made_through_the_rout
     assert_eq!(event, "elected");
     assert_eq!(
         data,
-        json!({"type": "elected", "kind": "k", "election": "e", "leader": "alice", "fencing_token": 1})
+        json!({"type": "elected", "kind": "k", "election": "e", "leader": "alice", "fencing_token": 1, "version": 2})
     );
 }
 
@@ -556,7 +565,7 @@ async fn watch_of_a_led_election_starts_with_the_leader_then_reports_handover_an
     assert_eq!(event, "current");
     assert_eq!(
         data,
-        json!({"type": "current", "kind": "k", "election": "e", "leader": "alice", "fencing_token": 1})
+        json!({"type": "current", "kind": "k", "election": "e", "leader": "alice", "fencing_token": 1, "version": 2})
     );
 
     // A renewal is no change of leadership: nothing is reported for it.
@@ -572,7 +581,7 @@ async fn watch_of_a_led_election_starts_with_the_leader_then_reports_handover_an
     assert_eq!(event, "handed_over");
     assert_eq!(
         data,
-        json!({"type": "handed_over", "kind": "k", "election": "e", "leader": "bob", "fencing_token": 2})
+        json!({"type": "handed_over", "kind": "k", "election": "e", "leader": "bob", "fencing_token": 2, "version": 4})
     );
 
     call_json(
@@ -586,7 +595,7 @@ async fn watch_of_a_led_election_starts_with_the_leader_then_reports_handover_an
     assert_eq!(event, "resigned");
     assert_eq!(
         data,
-        json!({"type": "resigned", "kind": "k", "election": "e", "leader": "bob", "fencing_token": 2})
+        json!({"type": "resigned", "kind": "k", "election": "e", "leader": "bob", "fencing_token": 2, "version": 5})
     );
 }
 

@@ -42,6 +42,7 @@ use self::{
 use crate::{
     election::{ElectionError, ElectionService},
     lease::FencingToken,
+    store::StoreEvent,
 };
 
 /// The finalizer that lets the controller give up an Election's lease before it is deleted.
@@ -292,8 +293,8 @@ fn triggers(
     };
     let leases = {
         let (elections, all) = (elections.clone(), all.clone());
-        BroadcastStream::new(service.lease_changes()).map(move |change| match change {
-            Ok(change) => elections
+        BroadcastStream::new(service.lease_changes()).map(move |event| match event {
+            Ok(StoreEvent::Changed(change)) => elections
                 .state()
                 .iter()
                 .filter(|e| {
@@ -302,7 +303,8 @@ fn triggers(
                 })
                 .map(|e| ObjectRef::from_obj(&**e))
                 .collect(),
-            Err(BroadcastStreamRecvError::Lagged(_)) => all(),
+            // Changes may have been missed: look at every Election again.
+            Ok(StoreEvent::Resync) | Err(BroadcastStreamRecvError::Lagged(_)) => all(),
         })
     };
     let pods = match service.discovery() {

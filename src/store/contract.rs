@@ -1,12 +1,12 @@
-//! The lease-store contract: SPEC §5 semantics that every backend must show identically.
+//! The lease-store contract: the semantics every backend must show identically.
 //!
 //! `run` drives a store through every command in every lease state with real time and short
 //! terms. Each backend's tests call it unchanged.
 
 use std::time::Duration;
 
-use super::LeaseStore;
-use crate::lease::{ChangeCause, Command, ElectionKey, FencingToken, Name, Outcome, Term};
+use super::{LeaseStore, StoreEvent};
+use crate::lease::{ChangeCause, Command, ElectionKey, FencingToken, Name, Outcome, Term, Version};
 
 const SHORT: Term = Term::from_millis(150);
 const LONG: Term = Term::from_millis(10_000);
@@ -64,9 +64,10 @@ async fn leading<S: LeaseStore>(
 
 async fn leader_of<S: LeaseStore>(store: &S, election: &ElectionKey) -> Option<(String, u64)> {
     store
-        .leader(election)
+        .leadership(election)
         .await
         .expect("store available")
+        .leader
         .map(|info| (info.leader.to_string(), info.token.0))
 }
 
@@ -172,7 +173,12 @@ async fn campaign_extend_resign_handover<S: LeaseStore>(store: &S, election: &El
 
 async fn expiry<S: LeaseStore>(store: &S, election: &ElectionKey) {
     let first = leading(store, election, campaign("a", SHORT)).await;
-    let info = store.leader(election).await.unwrap().expect("live lease");
+    let info = store
+        .leadership(election)
+        .await
+        .unwrap()
+        .leader
+        .expect("live lease");
     assert!(
         info.ttl_ms >= 1 && info.ttl_ms <= SHORT.as_millis(),
         "ttl {}",
@@ -262,21 +268,36 @@ async fn changes_are_announced<S: LeaseStore>(store: &S, election: &ElectionKey)
 
     let mut seen = Vec::new();
     while seen.len() < 3 {
-        let change = tokio::time::timeout(Duration::from_secs(2), changes.recv())
+        let event = tokio::time::timeout(Duration::from_secs(2), changes.recv())
             .await
             .expect("change announced in time")
             .expect("no lag");
-        if change.election == *election {
-            seen.push((change.cause, change.leader.leader.to_string()));
+        if let StoreEvent::Changed(change) = event
+            && change.election == *election
+        {
+            seen.push((
+                change.cause,
+                change.leader.leader.to_string(),
+                change.version(),
+            ));
         }
     }
+    let (elected, handed) = (seen[0].2, seen[1].2);
     assert_eq!(
         seen,
         [
             // The renewal in between is not announced: leadership did not change.
-            (ChangeCause::Elected, "a".into()),
-            (ChangeCause::HandedOver, "b".into()),
-            (ChangeCause::Resigned, "b".into()),
-        ]
+            (ChangeCause::Elected, "a".into(), elected),
+            (ChangeCause::HandedOver, "b".into(), handed),
+            (ChangeCause::Resigned, "b".into(), Version(handed.0 + 1)),
+        ],
+        "each change once, in order, the resignation ending the lease handed over"
+    );
+    assert!(elected < handed);
+    let read = store.leadership(election).await.unwrap();
+    assert_eq!(
+        (read.leader.clone(), read.version()),
+        (None, Version(handed.0 + 1)),
+        "a read after the resignation is at the resignation's version"
     );
 }

@@ -7,9 +7,9 @@ use std::{collections::HashMap, sync::Mutex, time::Instant};
 
 use tokio::sync::broadcast;
 
-use super::{LeaseChange, LeaseStore, StoreError};
+use super::{LeaseChange, LeaseStore, StoreError, StoreEvent};
 use crate::lease::{
-    ChangeCause, Command, ElectionKey, LeaderInfo, LeaseRecord, Name, Outcome, decide,
+    ChangeCause, Command, ElectionKey, LeaderInfo, Leadership, LeaseRecord, Name, Outcome, decide,
 };
 
 /// How many changes an observer may fall behind before it resynchronises from the store.
@@ -20,7 +20,7 @@ pub struct MemoryStore {
     origin: Instant,
     /// Records by kind, then by election, so listing a kind does not scan the others.
     records: Mutex<HashMap<Name, HashMap<Name, LeaseRecord>>>,
-    changes: broadcast::Sender<LeaseChange>,
+    changes: broadcast::Sender<StoreEvent>,
 }
 
 impl Default for MemoryStore {
@@ -82,24 +82,25 @@ impl LeaseStore for MemoryStore {
                 if let (Some(leader), false) = (leader, cause == ChangeCause::Renewed) {
                     // Sent under the lock, so observers see changes in the order they were made.
                     // An error only means nobody is observing.
-                    let _ = self.changes.send(LeaseChange {
+                    let _ = self.changes.send(StoreEvent::Changed(LeaseChange {
                         election: election.clone(),
                         cause,
                         leader,
-                    });
+                    }));
                 }
             }
         }
         Ok(decision.outcome)
     }
 
-    async fn leader(&self, election: &ElectionKey) -> Result<Option<LeaderInfo>, StoreError> {
+    async fn leadership(&self, election: &ElectionKey) -> Result<Leadership, StoreError> {
         let now = self.now();
         Ok(self
             .records()
             .get(&election.kind)
             .and_then(|elections| elections.get(&election.election))
-            .and_then(|record| record.leader(now)))
+            .map(|record| record.leadership(now))
+            .unwrap_or_default())
     }
 
     async fn leaders(&self, kind: &Name) -> Result<Vec<(Name, LeaderInfo)>, StoreError> {
@@ -115,7 +116,7 @@ impl LeaseStore for MemoryStore {
         Ok(leaders)
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<LeaseChange> {
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
         self.changes.subscribe()
     }
 

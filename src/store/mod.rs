@@ -5,6 +5,11 @@
 //! agent replica sharing the store) hear about it. The rules themselves are never re-implemented
 //! here: a store only stores.
 //!
+//! Announcements can be late, repeated or lost (a Redis subscription that dropped). Each carries a
+//! [`Version`], so a listener ignores anything not newer than what it has; and whenever a store
+//! cannot vouch that nothing was lost, it says so with [`StoreEvent::Resync`], after which a
+//! listener reads the elections it follows again.
+//!
 //! [`LeaseRecord`]: crate::lease::LeaseRecord
 //! [`decide`]: crate::lease::decide
 
@@ -18,7 +23,9 @@ use tokio::sync::broadcast;
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
 
-use crate::lease::{ChangeCause, Command, ElectionKey, LeaderInfo, Name, Outcome};
+use crate::lease::{
+    ChangeCause, Command, ElectionKey, LeaderInfo, Leadership, Name, Outcome, Version,
+};
 
 /// Why a store could not answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +47,27 @@ pub struct LeaseChange {
     pub leader: LeaderInfo,
 }
 
+impl LeaseChange {
+    /// Its place in the election's history: a resignation ends the lease of its token, every
+    /// other change starts the lease of its token.
+    pub fn version(&self) -> Version {
+        match self.cause {
+            ChangeCause::Resigned => Version::ended(self.leader.token),
+            _ => Version::leading(self.leader.token),
+        }
+    }
+}
+
+/// What a store's listeners hear.
+#[derive(Debug, Clone)]
+pub enum StoreEvent {
+    /// Leadership of one election changed.
+    Changed(LeaseChange),
+    /// Changes may have been missed (a subscription to the store was lost and made again):
+    /// whoever follows an election should read it again.
+    Resync,
+}
+
 /// The interface every backend implements; see the module documentation.
 pub trait LeaseStore: Send + Sync {
     /// Applies `command` to `election` atomically and returns what it achieved.
@@ -49,11 +77,11 @@ pub trait LeaseStore: Send + Sync {
         command: Command,
     ) -> impl Future<Output = Result<Outcome, StoreError>> + Send;
 
-    /// The live leader of `election`, if any.
-    fn leader(
+    /// The live leader of `election`, if any, and the token of its last lease.
+    fn leadership(
         &self,
         election: &ElectionKey,
-    ) -> impl Future<Output = Result<Option<LeaderInfo>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Leadership, StoreError>> + Send;
 
     /// The live leaders of every election of `kind`, sorted by election name.
     fn leaders(
@@ -61,8 +89,8 @@ pub trait LeaseStore: Send + Sync {
         kind: &Name,
     ) -> impl Future<Output = Result<Vec<(Name, LeaderInfo)>, StoreError>> + Send;
 
-    /// A receiver of every lease change made from now on.
-    fn subscribe(&self) -> broadcast::Receiver<LeaseChange>;
+    /// A receiver of every lease change made from now on, and of resynchronisation signals.
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;
 
     /// Succeeds when the store can serve requests right now (readiness).
     fn check(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -91,10 +119,10 @@ impl LeaseStore for Store {
         }
     }
 
-    async fn leader(&self, election: &ElectionKey) -> Result<Option<LeaderInfo>, StoreError> {
+    async fn leadership(&self, election: &ElectionKey) -> Result<Leadership, StoreError> {
         match self {
-            Store::Memory(store) => store.leader(election).await,
-            Store::Redis(store) => store.leader(election).await,
+            Store::Memory(store) => store.leadership(election).await,
+            Store::Redis(store) => store.leadership(election).await,
         }
     }
 
@@ -105,7 +133,7 @@ impl LeaseStore for Store {
         }
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<LeaseChange> {
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
         match self {
             Store::Memory(store) => store.subscribe(),
             Store::Redis(store) => store.subscribe(),

@@ -18,6 +18,8 @@ pub(crate) type Address = (String, u16);
 
 /// Number of hash slots of a Redis Cluster.
 const SLOTS: u16 = 16_384;
+/// How long one node may take to answer `CLUSTER SLOTS` before the next one is asked.
+const SLOTS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Routes keys to the masters of one Redis Cluster.
 pub(crate) struct ClusterRouter {
@@ -79,6 +81,29 @@ impl ClusterRouter {
         routing.clients.get(address).cloned()
     }
 
+    /// A client for some master, if one is connected now (no slot map is read).
+    pub(crate) fn connected(&self) -> Option<Client> {
+        self.lookup(None)
+    }
+
+    /// A new client (a connection of its own) to a master of the current slot map.
+    pub(crate) async fn connect_any(&self) -> Result<Client, String> {
+        if self.routing().ranges.is_empty() {
+            Box::pin(self.refresh()).await?;
+        }
+        // Any master will do; a random one, so that retries after one that died try the others.
+        let master = {
+            let routing = self.routing();
+            let at = fastrand::usize(..routing.ranges.len().max(1));
+            routing
+                .ranges
+                .get(at)
+                .map(|(_, _, master)| master.clone())
+                .ok_or_else(|| "no master serves a slot".to_owned())?
+        };
+        self.connect(&master).await
+    }
+
     /// A client for every master.
     pub(crate) async fn masters(&self) -> Result<Vec<Client>, String> {
         if self.routing().ranges.is_empty() {
@@ -113,10 +138,16 @@ impl ClusterRouter {
                     continue;
                 }
             };
-            let slots: Value = match client.send(cmd("CLUSTER").arg("SLOTS"), None).await {
-                Ok(slots) => slots,
-                Err(err) => {
+            // Bounded: a paused node must not hold up the routing of every other slot.
+            let asked = client.send(cmd("CLUSTER").arg("SLOTS"), None);
+            let slots: Value = match tokio::time::timeout(SLOTS_TIMEOUT, asked).await {
+                Ok(Ok(slots)) => slots,
+                Ok(Err(err)) => {
                     last_error = format!("CLUSTER SLOTS on {}:{}: {err}", address.0, address.1);
+                    continue;
+                }
+                Err(_) => {
+                    last_error = format!("CLUSTER SLOTS on {}:{}: no answer", address.0, address.1);
                     continue;
                 }
             };

@@ -3,51 +3,79 @@
 -- This is `decide` of src/lease.rs run where the data lives; the store's differential test
 -- drives both with the same commands and requires identical outcomes.
 --
--- KEYS[1]  the election's record, a hash: h = holder, t = fencing token, e = expiry (ms, server
---          clock). The record outlives the lease, so the token keeps increasing after resign and
---          expiry.
+-- KEYS[1]  the election's record, a hash:
+--            h  the holder (absent when nobody holds a lease);
+--            t  the fencing token of the current or last lease (kept after resign and expiry,
+--               so it keeps increasing);
+--            e  the expiry, in ms on this server's clock;
+--            i  the id of the last command that changed the record;
+--            o  what that command did: 1 renewed, 3 resigned a live lease, 4 handed over to a
+--               new holder, 6 elected, 7 dropped the caller's own expired lease, 9 handed over
+--               to the live holder. Only 4 and 6 created a lease that release.lua may take back.
 -- ARGV[1]  command: campaign | extend | resign | handover
 -- ARGV[2]  the candidate (campaign) or leader (extend, resign, handover)
 -- ARGV[3]  term in milliseconds (ignored by resign)
+-- ARGV[4]  the command's id, unique per command: a command run again (after a Cluster redirect
+--          or a timeout) answers what its first run did instead of acting twice
 --
 -- Returns {outcome, leader, token, ttl_ms} (leader empty when nobody leads); outcome (quorum.rs
 -- `code`): 1 renewed, 2 following, 3 resigned, 4 handed over, 5 not holder, 6 elected.
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local record = redis.call('HMGET', KEYS[1], 'h', 't', 'e')
+local record = redis.call('HMGET', KEYS[1], 'h', 't', 'e', 'i', 'o')
 local holder = record[1] or nil
 local token = tonumber(record[2]) or 0
 local expires = tonumber(record[3]) or 0
 local live = holder ~= nil and now < expires
 
-local command, who, term = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local command, who, term, id = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 
-local function grant(code, tok)
-  redis.call('HSET', KEYS[1], 'h', who, 't', tok, 'e', now + term)
+if record[4] == id then
+  -- This very command already ran here: answer what it did, do nothing again.
+  local done = tonumber(record[5])
+  if done == 3 then
+    return {3, who, token, 0}
+  elseif done == 7 then
+    return {3, '', token, 0}
+  elseif done == 9 then
+    return {4, who, token, term}
+  end
+  return {done, who, token, term}
+end
+
+local function grant(code, tok, expiry, done)
+  redis.call('HSET', KEYS[1], 'h', who, 't', tok, 'e', expiry, 'i', id, 'o', done)
   return {code, who, tok, term}
+end
+
+-- A renewal never shortens a live lease: one whose answer was lost must not end a term that
+-- its holder still counts on.
+local function renewal()
+  return math.max(expires, now + term)
 end
 
 if command == 'campaign' then
   if live and holder == who then
-    return grant(1, token)
+    return grant(1, token, renewal(), 1)
   elseif live then
     return {2, holder, token, expires - now}
   end
-  return grant(6, token + 1)
+  return grant(6, token + 1, now + term, 6)
 elseif command == 'extend' then
   if live and holder == who then
-    return grant(1, token)
+    return grant(1, token, renewal(), 1)
   elseif live then
     return {5, holder, token, expires - now}
   elseif holder == who then
     -- Its own lease ran out and nobody took it: the leader gets it back, as a new lease.
-    return grant(6, token + 1)
+    return grant(6, token + 1, now + term, 6)
   end
   return {5, '', token, 0}
 elseif command == 'resign' then
   if live and holder == who then
     redis.call('HDEL', KEYS[1], 'h', 'e')
+    redis.call('HSET', KEYS[1], 'i', id, 'o', 3)
     return {3, who, token, 0}
   elseif live then
     return {5, holder, token, expires - now}
@@ -55,9 +83,14 @@ elseif command == 'resign' then
   -- Nobody leads. The caller's own expired lease is dropped so Extend cannot revive it.
   if holder == who then
     redis.call('HDEL', KEYS[1], 'h', 'e')
+    redis.call('HSET', KEYS[1], 'i', id, 'o', 7)
   end
   return {3, '', token, 0}
 elseif command == 'handover' then
-  return grant(4, token + 1)
+  if live and holder == who then
+    -- To the live holder itself: a renewal with a new token.
+    return grant(4, token + 1, renewal(), 9)
+  end
+  return grant(4, token + 1, now + term, 4)
 end
 return redis.error_reply('unknown lease command ' .. tostring(command))

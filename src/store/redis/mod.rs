@@ -1,53 +1,59 @@
 //! The Redis lease stores: `single` (one server, or a Redlock quorum of several), `failover`
 //! (Sentinel) and `cluster`.
 //!
-//! Every mode is the same code: a quorum over one or more [`Node`]s. `single` with one URL,
-//! `failover` and `cluster` are one node each (the `rustis` client follows the Sentinel master
-//! or the Cluster's slots); `single` with N URLs is Redlock over N independent servers, combined
-//! by the pure functions of [`quorum`].
+//! Every mode is the same code: a fan-out over one or more [`Node`]s. `single` with one URL,
+//! `failover` and `cluster` are one node each (the node follows the Sentinel master or routes by
+//! Cluster slot); `single` with N URLs is Redlock over N independent servers, combined by the pure
+//! rules of [`quorum`] as soon as the answers in hand settle a request ([`fanout`]).
 //!
 //! Each election is one hash at `[prefix]/lease/[kind]/[name]` — one key, so one Cluster slot —
 //! holding the holder, the fencing token and the expiry on the server's clock. Every mutation is
-//! one Lua script (`lease.lua`). Leadership changes are published on `[prefix]/events` once a
-//! command's outcome is decided, so `Observe` streams on every agent replica hear them; expiry
-//! needs no message (observers time it themselves and confirm with a read).
+//! one Lua script (`lease.lua`) carrying an id unique to the command, so that running it again
+//! (a Cluster redirect, a timeout) answers what it did the first time, and a failed Redlock
+//! command can take back exactly the leases it created (`release.lua`). Leadership changes are
+//! announced ([`announce`]); expiry needs no message (observers time it and confirm with a read).
+//!
+//! The parts: [`endpoints`] (URLs to clients), [`node`] (one endpoint: connections, scripts),
+//! [`cluster`] (slot routing), [`fanout`] and [`quorum`] (Redlock), [`announce`] (change
+//! messages and subscriptions).
 
+mod announce;
 mod cluster;
+mod endpoints;
+mod fanout;
 mod node;
 pub(crate) mod quorum;
 
 use std::{
-    collections::{BTreeSet, HashMap},
-    sync::{Arc, Mutex},
+    collections::BTreeSet,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use futures::{StreamExt, future::join_all};
 use prometheus::IntGauge;
-use rustis::client::{ClusterConfig, Config, SentinelConfig, ServerConfig};
 use tokio::{sync::broadcast, task::JoinHandle};
 
+pub use self::endpoints::EndpointError;
 use self::{
+    announce::Announcer,
+    fanout::{Stragglers, gather},
     node::{LEADER, LEASE, Node, RAISE, RELEASE},
-    quorum::{Kind, Reply, Verdict, combine, combine_leader},
+    quorum::{Answer, Kind, Late, Reply, Verdict, combine, combine_leader, majority_answered},
 };
-use super::{LeaseChange, LeaseStore, StoreError};
+use super::{LeaseChange, LeaseStore, StoreError, StoreEvent};
 use crate::{
-    config::{StoreConfig, StoreMode},
-    lease::{ChangeCause, Command, ElectionKey, FencingToken, LeaderInfo, Name, Outcome},
+    config::StoreConfig,
+    lease::{
+        ChangeCause, Command, ElectionKey, FencingToken, LeaderInfo, Leadership, Name, Outcome,
+    },
 };
 
 /// How often reachability is checked for the `election_agent_disconnected_redis_backends` gauge.
 const MONITOR_INTERVAL: Duration = Duration::from_secs(1);
-/// How long a lost subscription waits before subscribing again.
-const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
-/// How many changes an observer may fall behind before it resynchronises from the store.
-const CHANGE_BUFFER: usize = 1024;
-
-/// Why the store configuration cannot be used.
-#[derive(Debug, thiserror::Error)]
-#[error("EA_REDIS_URLS: {0}")]
-pub struct EndpointError(String);
 
 /// Leases in Redis; see the module documentation.
 pub struct RedisStore {
@@ -58,11 +64,15 @@ pub struct RedisStore {
 struct Shared {
     nodes: Vec<Node>,
     prefix: String,
-    channel: String,
-    changes: broadcast::Sender<LeaseChange>,
-    /// The last change announced per election: N servers (and this replica itself) report the
-    /// same change, observers must hear it once.
-    announced: Mutex<HashMap<ElectionKey, (ChangeCause, FencingToken)>>,
+    announcer: Announcer,
+    /// Redlock: how long to wait for one server before deciding without it.
+    server_timeout: Duration,
+    /// How long any one call to a server may take.
+    operation_timeout: Duration,
+    /// This agent process's name in command ids (`<agent>:<n>`): random, so ids are unique
+    /// across agent replicas and restarts.
+    agent: String,
+    commands: AtomicU64,
 }
 
 impl Drop for RedisStore {
@@ -78,19 +88,21 @@ impl RedisStore {
     /// the agent starts, not ready, while Redis is down. `disconnected` is kept at the number of
     /// unreachable endpoints.
     pub fn new(config: &StoreConfig, disconnected: IntGauge) -> Result<Self, EndpointError> {
-        let nodes = endpoints(config)?
+        let nodes: Vec<Node> = endpoints::endpoints(config)?
             .into_iter()
             .map(|(label, endpoint)| Node::new(label, endpoint, config.operation_timeout))
             .collect();
         let shared = Arc::new(Shared {
+            server_timeout: config.server_timeout.min(config.operation_timeout),
+            operation_timeout: config.operation_timeout,
             nodes,
             prefix: config.key_prefix.clone(),
-            channel: format!("{}/events", config.key_prefix),
-            changes: broadcast::channel(CHANGE_BUFFER).0,
-            announced: Mutex::default(),
+            announcer: Announcer::new(&config.key_prefix),
+            agent: format!("{:016x}", fastrand::u64(..)),
+            commands: AtomicU64::new(0),
         });
         let mut background: Vec<JoinHandle<()>> = (0..shared.nodes.len())
-            .map(|index| tokio::spawn(subscribe(shared.clone(), index)))
+            .map(|index| tokio::spawn(announce::listen(shared.clone(), index)))
             .collect();
         background.push(tokio::spawn(monitor(shared.clone(), disconnected)));
         Ok(Self { shared, background })
@@ -110,84 +122,105 @@ impl Shared {
         )
     }
 
-    /// Tells local observers about a change, once.
-    fn announce(&self, change: LeaseChange) {
-        let mut announced = self
-            .announced
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let this = (change.cause, change.leader.token);
-        if announced.get(&change.election) == Some(&this) {
+    fn command_id(&self) -> String {
+        format!(
+            "{}:{}",
+            self.agent,
+            self.commands.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// How long a fan-out waits for one server: the configured per-server timeout, and for a
+    /// command with a term at most a tenth of it, so that what is left of a granted lease (its
+    /// validity) is always most of its term. (With one server the operation timeout applies.)
+    fn per_server_timeout(&self, term: Option<Duration>) -> Duration {
+        match term {
+            Some(term) => self.server_timeout.min(term / 10),
+            None => self.server_timeout,
+        }
+    }
+
+    /// Runs `script` on `key` with `args` on every server, for the calls a command's verdict
+    /// leaves to do; errors are ignored (a lease that cannot be released expires with its term).
+    async fn on_servers(&self, servers: &[usize], script: &node::Script, key: &str, args: &[&str]) {
+        join_all(
+            servers
+                .iter()
+                .map(|&i| self.nodes[i].eval::<u64>(script, key, args.to_vec())),
+        )
+        .await;
+    }
+
+    /// Raises the token of this command's grants on `servers` to `token`; says how many servers
+    /// now have it (those already at `token` not included).
+    async fn raise(&self, servers: &[usize], key: &str, id: &str, token: FencingToken) -> usize {
+        let target = token.0.to_string();
+        let raised = join_all(servers.iter().map(|&i| {
+            let call = self.nodes[i].eval::<u64>(&RAISE, key, [id, target.as_str()]);
+            tokio::time::timeout(self.server_timeout, call)
+        }))
+        .await;
+        raised
+            .iter()
+            .filter(|r| matches!(r, Ok(Ok(t)) if *t >= token.0))
+            .count()
+    }
+}
+
+/// What a command sends to `lease.lua` besides the key.
+struct LeaseArgs {
+    operation: &'static str,
+    who: Name,
+    term_ms: String,
+    id: String,
+}
+
+fn command_parts(command: &Command) -> (Kind, &'static str, &Name, Option<Duration>) {
+    let term = |term: &crate::lease::Term| Some(Duration::from_millis(term.as_millis()));
+    match command {
+        Command::Campaign { candidate, term: t } => {
+            (Kind::Campaign, "campaign", candidate, term(t))
+        }
+        Command::Extend { leader, term: t } => (Kind::Extend, "extend", leader, term(t)),
+        Command::Resign { leader } => (Kind::Resign, "resign", leader, None),
+        Command::Handover { leader, term: t } => (Kind::Handover, "handover", leader, term(t)),
+    }
+}
+
+/// Finishes in the background what a decided command leaves to do: releases the new leases of a
+/// failed command (`release`, and late grants), or raises late grants of a new lease to its token.
+fn settle_late<F>(
+    shared: Arc<Shared>,
+    key: Arc<str>,
+    id: Arc<str>,
+    release: Vec<usize>,
+    late: Late,
+    mut stragglers: Stragglers<F>,
+) where
+    F: Future<Output = (usize, Result<Reply, StoreError>)> + Send + 'static,
+{
+    if release.is_empty() && (late == Late::Ignore || stragglers.is_empty()) {
+        return;
+    }
+    tokio::spawn(async move {
+        shared.on_servers(&release, &RELEASE, &key, &[&id]).await;
+        if late == Late::Ignore {
             return;
         }
-        announced.insert(change.election.clone(), this);
-        let _ = self.changes.send(change);
-    }
-
-    async fn ping_all(&self) -> Vec<Result<(), StoreError>> {
-        join_all(self.nodes.iter().map(Node::ping)).await
-    }
-}
-
-fn command_parts(command: &Command) -> (Kind, &'static str, &Name, u64) {
-    match command {
-        Command::Campaign { candidate, term } => {
-            (Kind::Campaign, "campaign", candidate, term.as_millis())
+        while let Some((i, answer)) = stragglers.next().await {
+            let Ok(reply) = answer else { continue };
+            match late {
+                Late::Release if quorum::is_new_lease(reply.code) => {
+                    shared.on_servers(&[i], &RELEASE, &key, &[&id]).await;
+                }
+                Late::Raise(token) if reply.leader.is_empty() || reply.token >= token.0 => {}
+                Late::Raise(token) => {
+                    shared.raise(&[i], &key, &id, token).await;
+                }
+                _ => {}
+            }
         }
-        Command::Extend { leader, term } => (Kind::Extend, "extend", leader, term.as_millis()),
-        Command::Resign { leader } => (Kind::Resign, "resign", leader, 0),
-        Command::Handover { leader, term } => {
-            (Kind::Handover, "handover", leader, term.as_millis())
-        }
-    }
-}
-
-fn cause_name(cause: ChangeCause) -> &'static str {
-    match cause {
-        ChangeCause::Elected => "elected",
-        ChangeCause::Renewed => "renewed",
-        ChangeCause::HandedOver => "handed_over",
-        ChangeCause::Resigned => "resigned",
-    }
-}
-
-/// The message published for a change: `<cause> <token> <ttl_ms> <kind> <name> <leader>`
-/// (names never contain spaces).
-fn encode(change: &LeaseChange) -> String {
-    format!(
-        "{} {} {} {} {} {}",
-        cause_name(change.cause),
-        change.leader.token,
-        change.leader.ttl_ms,
-        change.election.kind,
-        change.election.election,
-        change.leader.leader
-    )
-}
-
-fn decode(message: &str) -> Option<LeaseChange> {
-    let mut parts = message.split(' ');
-    let cause = match parts.next()? {
-        "elected" => ChangeCause::Elected,
-        "renewed" => ChangeCause::Renewed,
-        "handed_over" => ChangeCause::HandedOver,
-        "resigned" => ChangeCause::Resigned,
-        _ => return None,
-    };
-    let token = FencingToken(parts.next()?.parse().ok()?);
-    let ttl_ms = parts.next()?.parse().ok()?;
-    let kind = Name::parse("kind", parts.next()?).ok()?;
-    let election = Name::parse("election", parts.next()?).ok()?;
-    let leader = Name::parse("leader", parts.next()?).ok()?;
-    Some(LeaseChange {
-        election: ElectionKey { kind, election },
-        cause,
-        leader: LeaderInfo {
-            leader,
-            token,
-            ttl_ms,
-        },
-    })
+    });
 }
 
 impl LeaseStore for RedisStore {
@@ -197,87 +230,79 @@ impl LeaseStore for RedisStore {
         command: Command,
     ) -> Result<Outcome, StoreError> {
         let shared = &self.shared;
-        let key = shared.key(election);
-        let (kind, operation, who, term_ms) = command_parts(&command);
-        let term = term_ms.to_string();
+        let servers = shared.nodes.len();
+        let (kind, operation, who, term) = command_parts(&command);
+        let key: Arc<str> = shared.key(election).into();
+        let args = Arc::new(LeaseArgs {
+            operation,
+            who: who.clone(),
+            term_ms: term.map_or(0, |t| t.as_millis()).to_string(),
+            id: shared.command_id(),
+        });
         let started = Instant::now();
-        let args = [operation, who.as_str(), &term];
-        let replies: Vec<Result<Reply, StoreError>> =
-            join_all(shared.nodes.iter().map(|node| async {
-                let (code, leader, token, ttl_ms) = node
-                    .eval::<(u8, String, u64, u64)>(&LEASE, &key, args)
-                    .await?;
-                Ok(Reply {
-                    code,
-                    leader,
-                    token,
-                    ttl_ms,
-                })
-            }))
-            .await;
-        let valid = quorum::validity(
-            shared.nodes.len(),
-            Duration::from_millis(term_ms),
-            started.elapsed(),
+        let gathered = gather(
+            &shared.nodes,
+            shared.per_server_timeout(term),
+            |i| {
+                let (shared, key, args) = (shared.clone(), key.clone(), args.clone());
+                async move {
+                    let a = &*args;
+                    let reply = shared.nodes[i]
+                        .eval::<(u8, String, u64, u64)>(
+                            &LEASE,
+                            &key,
+                            [a.operation, a.who.as_str(), &a.term_ms, &a.id],
+                        )
+                        .await
+                        .map(|(code, leader, token, ttl_ms)| Reply {
+                            code,
+                            leader,
+                            token,
+                            ttl_ms,
+                        });
+                    (i, reply)
+                }
+            },
+            |answers| {
+                let valid = term.is_none_or(|term| {
+                    quorum::validity(servers, term, started.elapsed()).is_some()
+                });
+                combine(kind, answers, valid)
+            },
         )
-        .is_some();
+        .await;
         let Verdict {
             mut outcome,
-            release,
+            mut release,
             raise,
             change,
-        } = combine(kind, &replies, valid);
+            mut late,
+        } = gathered.decision;
+        let id: Arc<str> = args.id.as_str().into();
 
-        if !release.is_empty() {
-            let undo = release.iter().filter_map(|&i| {
-                let reply = replies[i].as_ref().ok()?;
-                let token = reply.token.to_string();
-                let node = &shared.nodes[i];
-                let key = &key;
-                Some(async move { node.eval::<u8>(&RELEASE, key, [who.as_str(), &token]).await })
-            });
-            // Best effort: a grant that cannot be released expires with its term.
-            join_all(undo).await;
-        }
         if let (Ok(Outcome::Leading { token } | Outcome::HandedOver { token }), false) =
             (&outcome, raise.is_empty())
         {
-            let target = token.0.to_string();
-            let raised = join_all(raise.iter().map(|&i| {
-                let node = &shared.nodes[i];
-                let (key, target) = (&key, &target);
-                async move {
-                    node.eval::<u64>(&RAISE, key, [target.as_str(), who.as_str()])
-                        .await
-                }
-            }))
-            .await;
-            let durable = replies
-                .iter()
-                .filter(|r| matches!(r, Ok(r) if r.token == token.0 && r.leader == who.as_str()))
-                .count()
-                + raised
-                    .iter()
-                    .filter(|r| matches!(r, Ok(t) if *t >= token.0))
-                    .count();
-            if durable < quorum::quorum(shared.nodes.len()) {
+            // Made durable on a majority before anyone is told.
+            let token = *token;
+            let at_token = granted_at(&gathered.answers, who, token);
+            if at_token + shared.raise(&raise, &key, &id, token).await < quorum::quorum(servers) {
                 outcome = Err(StoreError::Unavailable(
                     "could not make the new fencing token durable on a majority of Redis servers"
                         .into(),
                 ));
+                release = new_leases(&gathered.answers);
+                late = Late::Release;
             }
         }
+        settle_late(shared.clone(), key, id, release, late, gathered.stragglers);
 
         if let (Some(cause), Ok(result)) = (change, &outcome)
             && cause != ChangeCause::Renewed
         {
             let token = match result {
                 Outcome::Leading { token } | Outcome::HandedOver { token } => *token,
-                _ => replies
-                    .iter()
-                    .filter_map(|r| r.as_ref().ok().map(|r| FencingToken(r.token)))
-                    .max()
-                    .unwrap_or_default(),
+                _ => resigned_token(&gathered.answers, who),
             };
             let change = LeaseChange {
                 election: election.clone(),
@@ -285,59 +310,72 @@ impl LeaseStore for RedisStore {
                 leader: LeaderInfo {
                     leader: who.clone(),
                     token,
-                    ttl_ms: if cause == ChangeCause::Resigned {
-                        0
-                    } else {
-                        term_ms
+                    ttl_ms: match cause {
+                        ChangeCause::Resigned => 0,
+                        _ => term.map_or(0, |t| t.as_millis() as u64),
                     },
                 },
             };
-            let message = encode(&change);
-            shared.announce(change);
-            // Other replicas hear it through Redis; an error here only delays their observers
-            // until they next read the lease.
-            join_all(
-                shared
-                    .nodes
-                    .iter()
-                    .map(|node| node.publish(&shared.channel, &message)),
-            )
-            .await;
+            let message = announce::encode(&change);
+            shared.announcer.announce(change);
+            // Other replicas hear it through Redis; a server that cannot take it now is skipped
+            // (its subscribers resynchronise when they connect again).
+            for node in &shared.nodes {
+                node.publish(shared.announcer.channel(), &message);
+            }
         }
         outcome
     }
 
-    async fn leader(&self, election: &ElectionKey) -> Result<Option<LeaderInfo>, StoreError> {
-        let key = self.shared.key(election);
-        let replies: Vec<Result<Reply, StoreError>> =
-            join_all(self.shared.nodes.iter().map(|node| async {
-                let (leader, token, ttl_ms) =
-                    node.eval::<(String, u64, u64)>(&LEADER, &key, ()).await?;
-                Ok(Reply {
-                    code: 0,
-                    leader,
-                    token,
-                    ttl_ms,
-                })
-            }))
-            .await;
-        combine_leader(&replies)
+    async fn leadership(&self, election: &ElectionKey) -> Result<Leadership, StoreError> {
+        let shared = &self.shared;
+        let key = shared.key(election);
+        gather(
+            &shared.nodes,
+            shared.per_server_timeout(None),
+            |i| {
+                let (node, key) = (&shared.nodes[i], &key);
+                async move {
+                    let reply = node.eval::<(String, u64, u64)>(&LEADER, key, ()).await.map(
+                        |(leader, token, ttl_ms)| Reply {
+                            code: 0,
+                            leader,
+                            token,
+                            ttl_ms,
+                        },
+                    );
+                    (i, reply)
+                }
+            },
+            combine_leader,
+        )
+        .await
+        .decision
     }
 
     async fn leaders(&self, kind: &Name) -> Result<Vec<(Name, LeaderInfo)>, StoreError> {
+        let shared = &self.shared;
         // Kinds contain no glob character (see `Name`), so the pattern matches exactly one kind.
-        let prefix = format!("{}/lease/{kind}/", self.shared.prefix);
+        let prefix = format!("{}/lease/{kind}/", shared.prefix);
         let pattern = format!("{prefix}*");
-        let scans = join_all(self.shared.nodes.iter().map(|node| node.keys(&pattern))).await;
-        let reached = scans.iter().filter(|s| s.is_ok()).count();
-        if reached < quorum::quorum(self.shared.nodes.len()) {
-            return Err(scans
-                .into_iter()
-                .find_map(Result::err)
-                .unwrap_or_else(|| StoreError::Unavailable("no Redis server answered".into())));
+        // Any majority of scans sees every election a majority holds a lease of.
+        let scans = gather(
+            &shared.nodes,
+            shared.operation_timeout,
+            |i| {
+                let (node, pattern) = (&shared.nodes[i], &pattern);
+                async move { (i, node.keys(pattern).await) }
+            },
+            majority_answered,
+        )
+        .await;
+        if !scans.decision {
+            return Err(first_error(scans.answers));
         }
         let elections: BTreeSet<Name> = scans
+            .answers
             .into_iter()
+            .flatten()
             .flatten()
             .flatten()
             .filter_map(|key| Name::parse("election", key.strip_prefix(&prefix)?).ok())
@@ -347,67 +385,87 @@ impl LeaseStore for RedisStore {
                 kind: kind.clone(),
                 election,
             };
-            let leader = self.leader(&key).await?;
-            Ok::<_, StoreError>(leader.map(|info| (key.election, info)))
+            let leadership = self.leadership(&key).await?;
+            Ok::<_, StoreError>(leadership.leader.map(|info| (key.election, info)))
         }))
         .await;
         leaders.into_iter().filter_map(Result::transpose).collect()
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<LeaseChange> {
-        self.shared.changes.subscribe()
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.shared.announcer.subscribe()
     }
 
     async fn check(&self) -> Result<(), StoreError> {
-        let pings = self.shared.ping_all().await;
-        let up = pings.iter().filter(|p| p.is_ok()).count();
-        if up >= quorum::quorum(pings.len()) {
+        let shared = &self.shared;
+        let pings = gather(
+            &shared.nodes,
+            shared.operation_timeout,
+            |i| async move { (i, shared.nodes[i].ping().await) },
+            majority_answered,
+        )
+        .await;
+        if pings.decision {
             Ok(())
         } else {
-            Err(pings
-                .into_iter()
-                .find_map(Result::err)
-                .unwrap_or_else(|| StoreError::Unavailable("no Redis server answered".into())))
+            Err(first_error(pings.answers))
         }
     }
 }
 
-/// Keeps a subscription to the change channel on node `index`, forever.
-async fn subscribe(shared: Arc<Shared>, index: usize) {
-    let node = &shared.nodes[index];
-    loop {
-        match node.subscribe(&shared.channel).await {
-            Ok(mut messages) => {
-                while let Some(Ok(message)) = messages.next().await {
-                    match message
-                        .payload_as::<String>()
-                        .ok()
-                        .as_deref()
-                        .and_then(decode)
-                    {
-                        Some(change) => shared.announce(change),
-                        None => tracing::warn!(
-                            node = node.label(),
-                            "ignoring a malformed lease change message"
-                        ),
-                    }
-                }
-                tracing::debug!(
-                    node = node.label(),
-                    "change subscription ended; subscribing again"
-                );
+/// How many servers granted `who` the lease with exactly `token`.
+fn granted_at(answers: &[Answer<Reply>], who: &Name, token: FencingToken) -> usize {
+    answers
+        .iter()
+        .filter(|a| {
+            matches!(a, Some(Ok(r)) if quorum::is_grant(r.code) && r.token == token.0
+                && r.leader == who.as_str())
+        })
+        .count()
+}
+
+/// The servers whose answer was a new lease (to release when the command fails after all).
+fn new_leases(answers: &[Answer<Reply>]) -> Vec<usize> {
+    answers
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| matches!(a, Some(Ok(r)) if quorum::is_new_lease(r.code)))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The token of the lease `who` resigned: what most servers that dropped it say (a lower bound
+/// when they disagree, so that the announcement cannot outrank a later election's).
+fn resigned_token(answers: &[Answer<Reply>], who: &Name) -> FencingToken {
+    let mut tokens: Vec<u64> = answers
+        .iter()
+        .filter_map(|a| match a {
+            Some(Ok(r)) if r.code == quorum::code::RESIGNED && r.leader == who.as_str() => {
+                Some(r.token)
             }
-            Err(err) => tracing::debug!(error = %err, "cannot subscribe to lease changes yet"),
-        }
-        tokio::time::sleep(RESUBSCRIBE_DELAY).await;
-    }
+            _ => None,
+        })
+        .collect();
+    tokens.sort_unstable_by(|a, b| b.cmp(a));
+    let at = quorum::quorum(answers.len())
+        .min(tokens.len())
+        .saturating_sub(1);
+    FencingToken(tokens.get(at).copied().unwrap_or_default())
+}
+
+fn first_error<T>(answers: Vec<Answer<T>>) -> StoreError {
+    answers
+        .into_iter()
+        .flatten()
+        .find_map(Result::err)
+        .unwrap_or_else(|| StoreError::Unavailable("no Redis server answered".into()))
 }
 
 /// Keeps `disconnected` at the number of endpoints that do not answer PING.
 async fn monitor(shared: Arc<Shared>, disconnected: IntGauge) {
     let mut was_down = vec![false; shared.nodes.len()];
     loop {
-        let pings = shared.ping_all().await;
+        let pings = join_all(shared.nodes.iter().map(Node::ping)).await;
         for ((node, ping), was_down) in shared.nodes.iter().zip(&pings).zip(&mut was_down) {
             match (ping, *was_down) {
                 (Err(err), false) => {
@@ -420,116 +478,6 @@ async fn monitor(shared: Arc<Shared>, disconnected: IntGauge) {
         }
         disconnected.set(was_down.iter().filter(|d| **d).count() as i64);
         tokio::time::sleep(MONITOR_INTERVAL).await;
-    }
-}
-
-/// The endpoints of a configuration, each with a label free of credentials.
-fn endpoints(config: &StoreConfig) -> Result<Vec<(String, Config)>, EndpointError> {
-    let urls: Vec<url::Url> = config
-        .urls
-        .iter()
-        .map(|raw| {
-            let url = url::Url::parse(raw)
-                .map_err(|err| EndpointError(format!("{:?} is not a URL: {err}", redact(raw))))?;
-            match url.scheme() {
-                "redis" | "rediss" => Ok(url),
-                other => Err(EndpointError(format!(
-                    "{:?}: scheme {other:?} is not supported; use redis://",
-                    redact(raw)
-                ))),
-            }
-        })
-        .collect::<Result<_, _>>()?;
-    let host_port = |url: &url::Url| -> Result<(String, u16), EndpointError> {
-        let host = url
-            .host_str()
-            .ok_or_else(|| EndpointError(format!("{:?} has no host", redact(url.as_str()))))?;
-        Ok((host.to_owned(), url.port().unwrap_or(6379)))
-    };
-    let credentials = |url: &url::Url, config: &mut Config| -> Result<(), EndpointError> {
-        if !url.username().is_empty() {
-            config.username = Some(url.username().to_owned());
-        }
-        config.password = url.password().map(str::to_owned);
-        let db = url.path().trim_start_matches('/');
-        if !db.is_empty() {
-            config.database = db.parse().map_err(|_| {
-                EndpointError(format!(
-                    "{:?}: database {db:?} is not a number",
-                    redact(url.as_str())
-                ))
-            })?;
-        }
-        Ok(())
-    };
-    let first = urls
-        .first()
-        .ok_or_else(|| EndpointError("at least one Redis URL is needed".into()))?;
-    match config.mode {
-        StoreMode::Single => urls
-            .iter()
-            .map(|url| {
-                let (host, port) = host_port(url)?;
-                let mut endpoint = Config::default();
-                endpoint.server = ServerConfig::Standalone {
-                    host: host.clone(),
-                    port,
-                };
-                credentials(url, &mut endpoint)?;
-                Ok((format!("{host}:{port}"), endpoint))
-            })
-            .collect(),
-        StoreMode::Failover => {
-            let mut sentinel = SentinelConfig::default();
-            sentinel.instances = urls.iter().map(host_port).collect::<Result<_, _>>()?;
-            sentinel.service_name = config.master.clone();
-            let mut endpoint = Config::default();
-            credentials(first, &mut endpoint)?;
-            endpoint.server = ServerConfig::Sentinel(sentinel);
-            Ok(vec![(
-                format!("sentinel master {}", config.master),
-                endpoint,
-            )])
-        }
-        StoreMode::Cluster => {
-            let mut nodes = Vec::new();
-            for url in &urls {
-                nodes.push(host_port(url)?);
-                for (name, value) in url.query_pairs() {
-                    if name == "addr" {
-                        let (host, port) = value.rsplit_once(':').ok_or_else(|| {
-                            EndpointError(format!("addr={value:?} is not host:port"))
-                        })?;
-                        let port = port
-                            .parse()
-                            .map_err(|_| EndpointError(format!("addr={value:?}: bad port")))?;
-                        nodes.push((host.to_owned(), port));
-                    }
-                }
-            }
-            let mut cluster = ClusterConfig::default();
-            cluster.nodes = nodes;
-            let mut endpoint = Config::default();
-            credentials(first, &mut endpoint)?;
-            endpoint.database = 0;
-            endpoint.server = ServerConfig::Cluster(cluster);
-            Ok(vec![("cluster".to_owned(), endpoint)])
-        }
-        StoreMode::Memory | StoreMode::Sharding => Err(EndpointError(format!(
-            "EA_REDIS_MODE={} is not a Redis mode this agent serves",
-            config.mode.as_str()
-        ))),
-    }
-}
-
-/// `raw` with any password replaced, for messages.
-fn redact(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut url) if url.password().is_some() => {
-            let _ = url.set_password(Some("***"));
-            url.to_string()
-        }
-        _ => raw.to_owned(),
     }
 }
 

@@ -2,9 +2,13 @@
 //! through one multiplexed `rustis` client.
 //!
 //! Clients are created on first use rather than at start-up, so the agent starts (not ready)
-//! while Redis is down; once connected, `rustis` reconnects by itself. Every call is bounded by
-//! the operation timeout. Scripts are called by SHA and loaded again when a server answers
-//! NOSCRIPT (after a restart or a failover). A Cluster is reached through [`ClusterRouter`].
+//! while Redis is down; once connected, `rustis` reconnects by itself (and follows a Sentinel
+//! failover). Every call is bounded by the operation timeout; a call that merely ran out of time
+//! leaves its connection alone — a paused or slow server is not helped by reconnecting, and the
+//! calls still in flight on it would be lost. Scripts are called by SHA and loaded again when a
+//! server answers NOSCRIPT (after a restart or a failover). A Cluster is reached through
+//! [`ClusterRouter`]. Subscriptions get a connection of their own, so that losing one (e.g.
+//! `CLIENT KILL TYPE pubsub`) costs no command in flight.
 
 use std::{
     sync::{OnceLock, RwLock},
@@ -12,7 +16,7 @@ use std::{
 };
 
 use rustis::{
-    client::{Client, Config, ServerConfig},
+    client::{Client, ClientPreparedCommand, Config, ReconnectionConfig, ServerConfig},
     commands::{ConnectionCommands, PubSubCommands, ScriptingCommands},
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -69,15 +73,19 @@ enum Backend {
     Cluster(ClusterRouter),
 }
 
-/// A client that failed is replaced by a new one (which finds the Sentinel master afresh) at
-/// most this often; `rustis` reconnects by itself, but to the server it knew.
+/// A client that failed (not merely ran out of time) is replaced by a new one, which finds the
+/// Sentinel master afresh, at most this often.
 const REPLACE_FAILED_CLIENT_AFTER: Duration = Duration::from_secs(2);
+/// How long a lost connection waits before each attempt to connect again (`rustis`' default is
+/// a second; a restarted server should be served again sooner).
+const RECONNECT_DELAY_MS: u32 = 200;
 
 impl Node {
     /// An endpoint named `label` in messages (never containing credentials).
     pub(crate) fn new(label: String, mut config: Config, timeout: Duration) -> Self {
         config.connect_timeout = timeout;
         config.connection_name = "election-agent".into();
+        config.reconnection = ReconnectionConfig::new_constant(0, RECONNECT_DELAY_MS);
         let backend = match &config.server {
             ServerConfig::Cluster(cluster) => {
                 Backend::Cluster(ClusterRouter::new(cluster.nodes.clone(), config.clone()))
@@ -170,18 +178,17 @@ impl Node {
         &self,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let result = tokio::time::timeout(self.timeout, call)
-            .await
-            .unwrap_or_else(|_| {
-                Err(self.error(
-                    "no answer",
-                    format!("operation timeout of {:?} ran out", self.timeout),
-                ))
-            });
-        if result.is_err() {
-            self.after_failure();
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Err(err)) => {
+                self.after_failure();
+                Err(err)
+            }
+            Ok(result) => result,
+            Err(_) => Err(self.error(
+                "no answer",
+                format!("operation timeout of {:?} ran out", self.timeout),
+            )),
         }
-        result
     }
 
     /// Runs `script` on `key` with `args`. In a Cluster, a command refused because the slot moved
@@ -211,17 +218,22 @@ impl Node {
         .await
     }
 
-    /// Publishes `message` on `channel` (a Cluster forwards it to every node).
-    pub(crate) async fn publish(&self, channel: &str, message: &str) -> Result<(), StoreError> {
-        self.bounded(async {
-            let client = self.client(None).await?;
-            client
-                .publish(channel, message)
-                .await
-                .map(|_: usize| ())
-                .map_err(|err| self.error("PUBLISH", err))
-        })
-        .await
+    /// Publishes `message` on `channel` (a Cluster forwards it to every node) without waiting
+    /// for the answer, when connected; a server that is not connected is skipped — its
+    /// subscribers resynchronise when they connect again.
+    pub(crate) fn publish(&self, channel: &str, message: &str) {
+        let client = match &self.backend {
+            Backend::Cluster(router) => router.connected(),
+            Backend::Direct { client, .. } => client
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+                .map(|(client, _)| client.clone()),
+        };
+        if let Some(client) = client.filter(|c| !c.is_terminated()) {
+            // An error only means the connection is gone; nothing waits for the answer.
+            let _ = client.publish(channel, message).forget();
+        }
     }
 
     /// Succeeds when the endpoint (every master of a Cluster) answers PING within the timeout.
@@ -238,19 +250,37 @@ impl Node {
         .await
     }
 
-    /// Subscribes to `channel`; the stream ends when the connection is lost for good.
+    /// Subscribes to `channel` on a connection of its own (to any master of a Cluster, which
+    /// forwards every message to every node). The client is returned with the stream, to watch
+    /// its reconnections and check that it still answers.
     pub(crate) async fn subscribe(
         &self,
         channel: &str,
-    ) -> Result<rustis::client::PubSubStream, StoreError> {
+    ) -> Result<(Client, rustis::client::PubSubStream), StoreError> {
         self.bounded(async {
-            let client = self.client(None).await?;
-            client
+            let client = match &self.backend {
+                Backend::Cluster(router) => router.connect_any().await,
+                Backend::Direct { config, .. } => Box::pin(Client::connect(config.clone()))
+                    .await
+                    .map_err(|err| err.to_string()),
+            }
+            .map_err(|err| self.error("cannot connect to subscribe", err))?;
+            let stream = client
                 .subscribe(channel)
                 .await
-                .map_err(|err| self.error("SUBSCRIBE", err))
+                .map_err(|err| self.error("SUBSCRIBE", err))?;
+            Ok((client, stream))
         })
         .await
+    }
+
+    /// Succeeds when `client` (a subscription's) answers PING within the operation timeout.
+    pub(crate) async fn ping_client(&self, client: &Client) -> Result<(), StoreError> {
+        match tokio::time::timeout(self.timeout, client.ping::<()>(())).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(self.error("PING", err)),
+            Err(_) => Err(self.error("PING", "no answer")),
+        }
     }
 
     /// Every key matching `pattern` (which must contain no glob character but a final `*`), on

@@ -1,20 +1,26 @@
 //! Combines the answers of N Redis servers into one outcome (Redlock), as pure functions.
 //!
-//! With one server this is the identity; with N independent servers a lease exists only where a
-//! majority granted it within its validity time (term − elapsed − clock-drift allowance). Partial
-//! grants are released, and a reported fencing token is first made durable on a majority (raised
-//! where a granting server had a lower one), so any later majority — which shares at least one
-//! server with this one — can only hand out higher tokens.
+//! With one server this is the identity. With N independent servers a lease exists only where a
+//! majority granted it within its validity time (term − time from sending to the deciding answer
+//! − a clock-drift allowance). Each function takes the answers received so far — `None` for a
+//! server that has not answered yet — and decides as soon as the missing ones can no longer
+//! change the outcome, so one slow or hung server never delays a request that a majority settles.
+//!
+//! After a failed command only what that command itself created is rolled back: a grant that
+//! made its candidate the new holder on a server (`release.lua` checks this on the server),
+//! never a renewal and never another holder's lease. A reported fencing token is first made
+//! durable on a majority (raised where a granting server had a lower one), so any later majority
+//! — which shares at least one server with this one — can only hand out higher tokens.
 
 use std::time::Duration;
 
-use crate::lease::{ChangeCause, FencingToken, LeaderInfo, Name, Outcome};
+use crate::lease::{ChangeCause, FencingToken, LeaderInfo, Leadership, Name, Outcome};
 use crate::store::StoreError;
 
-/// One server's answer to `lease.lua`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+/// One server's answer to `lease.lua` or `leader.lua`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Reply {
-    /// `lease.lua`'s outcome code.
+    /// `lease.lua`'s outcome code (0 for `leader.lua`).
     pub code: u8,
     /// The leader it names (empty when none).
     pub leader: String,
@@ -23,6 +29,9 @@ pub(crate) struct Reply {
     /// Milliseconds left of the lease it reports.
     pub ttl_ms: u64,
 }
+
+/// One server's answer, if it has given one yet.
+pub(crate) type Answer<T> = Option<Result<T, StoreError>>;
 
 /// `lease.lua` outcome codes.
 pub(crate) mod code {
@@ -40,17 +49,40 @@ pub(crate) mod code {
     pub const ELECTED: u8 = 6;
 }
 
-/// What the store must do after a command ran on every server.
+/// Whether an answer to `lease.lua` grants the caller the lease.
+pub(crate) fn is_grant(code: u8) -> bool {
+    matches!(code, code::RENEWED | code::ELECTED | code::HANDED_OVER)
+}
+
+/// Whether a grant may have created a new lease (which a failed command takes back).
+pub(crate) fn is_new_lease(code: u8) -> bool {
+    matches!(code, code::ELECTED | code::HANDED_OVER)
+}
+
+/// What to do with answers that arrive after the decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Late {
+    /// Nothing: they cannot matter.
+    Ignore,
+    /// The command failed: a late grant of a new lease is released.
+    Release,
+    /// The command granted a new lease with this token: a late grant with a lower one is raised.
+    Raise(FencingToken),
+}
+
+/// What the store must do once a command's answers settle it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Verdict {
     /// The command's outcome, or why it failed.
     pub outcome: Result<Outcome, StoreError>,
-    /// Servers whose grant must be released (the command failed to reach a quorum).
+    /// Servers whose new lease must be released (the command failed).
     pub release: Vec<usize>,
     /// Servers whose token must be raised to the reported one before it is reported.
     pub raise: Vec<usize>,
     /// The change to announce, if leadership changed.
     pub change: Option<ChangeCause>,
+    /// What answers arriving after this verdict call for.
+    pub late: Late,
 }
 
 /// The kind of command whose replies are combined.
@@ -74,41 +106,105 @@ pub(crate) fn validity(servers: usize, term: Duration, elapsed: Duration) -> Opt
     if servers == 1 {
         return Some(term);
     }
-    let drift = term / 100 + Duration::from_millis(2);
-    term.checked_sub(elapsed + drift).filter(|v| !v.is_zero())
+    term.checked_sub(elapsed + drift(term))
+        .filter(|v| !v.is_zero())
 }
 
-/// Not enough servers answered; the first server error says why.
-fn unavailable<T>(replies: &[Result<T, StoreError>]) -> StoreError {
-    let answered = replies.iter().filter(|r| r.is_ok()).count();
-    let cause = replies.iter().find_map(|r| r.as_ref().err());
-    match (replies.len(), cause) {
-        (1, Some(cause)) => cause.clone(),
-        (servers, cause) => StoreError::Unavailable(format!(
-            "only {answered} of {servers} Redis servers answered, {} needed{}",
-            quorum(servers),
-            cause.map(|c| format!(" ({c})")).unwrap_or_default()
-        )),
-    }
+/// The clock-drift allowance of a lease of `term` over several servers.
+pub(crate) fn drift(term: Duration) -> Duration {
+    term / 100 + Duration::from_millis(2)
 }
 
-/// The holder named by at least a quorum of replies with one of `codes`, if any.
-fn majority_holder<'a>(
-    replies: impl Iterator<Item = &'a Reply> + Clone,
-    codes: &[u8],
+/// The answers of one fan-out, counted.
+struct Tally<'a> {
+    servers: usize,
     quorum: usize,
-) -> Option<(&'a str, u64)> {
-    let named = replies.filter(|r| codes.contains(&r.code) && !r.leader.is_empty());
-    named.clone().find_map(|candidate| {
-        let votes: Vec<_> = named
-            .clone()
-            .filter(|r| r.leader == candidate.leader)
-            .collect();
-        (votes.len() >= quorum).then(|| {
-            let token = votes.iter().map(|r| r.token).max().unwrap_or_default();
-            (candidate.leader.as_str(), token)
-        })
-    })
+    /// `(server, reply)` of every server that answered.
+    answered: Vec<(usize, &'a Reply)>,
+    /// Servers that have not answered yet.
+    pending: usize,
+    /// The first error, if any server failed.
+    error: Option<&'a StoreError>,
+}
+
+impl<'a> Tally<'a> {
+    fn new(answers: &'a [Answer<Reply>]) -> Self {
+        let mut answered = Vec::with_capacity(answers.len());
+        let (mut pending, mut error) = (0, None);
+        for (i, answer) in answers.iter().enumerate() {
+            match answer {
+                None => pending += 1,
+                Some(Ok(reply)) => answered.push((i, reply)),
+                Some(Err(err)) => error = error.or(Some(err)),
+            }
+        }
+        Self {
+            servers: answers.len(),
+            quorum: quorum(answers.len()),
+            answered,
+            pending,
+            error,
+        }
+    }
+
+    fn failed(&self) -> usize {
+        self.servers - self.answered.len() - self.pending
+    }
+
+    /// Not enough servers answered; the first server error says why.
+    fn unavailable(&self) -> StoreError {
+        match (self.servers, self.error) {
+            (1, Some(cause)) => cause.clone(),
+            (servers, cause) => StoreError::Unavailable(format!(
+                "only {} of {servers} Redis servers answered in time, {} needed{}",
+                self.answered.len(),
+                self.quorum,
+                cause.map(|c| format!(" ({c})")).unwrap_or_default()
+            )),
+        }
+    }
+
+    /// Whether `quorum` answers can still be had.
+    fn answers_possible(&self) -> bool {
+        self.answered.len() + self.pending >= self.quorum
+    }
+
+    fn replies(&self) -> impl Iterator<Item = &'a Reply> + Clone + '_ {
+        self.answered.iter().map(|(_, r)| *r)
+    }
+
+    /// How many answered replies with one of `codes` name `leader`.
+    fn votes(&self, leader: &str, codes: &[u8]) -> usize {
+        self.replies()
+            .filter(|r| codes.contains(&r.code) && r.leader == leader)
+            .count()
+    }
+
+    /// The holder named by at least a quorum of replies with one of `codes`, if any.
+    fn majority_holder(&self, codes: &[u8]) -> Option<&'a str> {
+        self.replies()
+            .filter(|r| codes.contains(&r.code) && !r.leader.is_empty())
+            .find(|r| self.votes(&r.leader, codes) >= self.quorum)
+            .map(|r| r.leader.as_str())
+    }
+
+    /// The most votes any holder named by replies with one of `codes` has.
+    fn most_votes(&self, codes: &[u8]) -> usize {
+        self.replies()
+            .filter(|r| codes.contains(&r.code) && !r.leader.is_empty())
+            .map(|r| self.votes(&r.leader, codes))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The highest token a quorum of the answering servers vouches for (each has it or a higher
+    /// one): a token a minority raised or granted past the others is not reported as durable.
+    fn durable_token(&self) -> FencingToken {
+        let mut tokens: Vec<u64> = self.replies().map(|r| r.token).collect();
+        tokens.sort_unstable_by(|a, b| b.cmp(a));
+        let at = self.quorum.min(tokens.len()).saturating_sub(1);
+        FencingToken(tokens.get(at).copied().unwrap_or_default())
+    }
 }
 
 fn name(leader: &str) -> Result<Name, StoreError> {
@@ -117,172 +213,236 @@ fn name(leader: &str) -> Result<Name, StoreError> {
     })
 }
 
-/// Combines the replies of every server to a command issued by `caller`; `valid` says whether
-/// any validity time was left when the last reply arrived.
-pub(crate) fn combine(kind: Kind, results: &[Result<Reply, StoreError>], valid: bool) -> Verdict {
-    let replies = results;
-    let servers = replies.len();
-    let quorum = quorum(servers);
-    let answered: Vec<(usize, &Reply)> = replies
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| r.as_ref().ok().map(|r| (i, r)))
-        .collect();
-    let granted: Vec<(usize, &Reply)> = answered
+/// Combines the answers received so far to a command; `valid` says whether any validity time is
+/// left now. `None` while the missing answers could still change the outcome.
+pub(crate) fn combine(kind: Kind, answers: &[Answer<Reply>], valid: bool) -> Option<Verdict> {
+    let tally = Tally::new(answers);
+    let quorum = tally.quorum;
+    let granted: Vec<(usize, &Reply)> = tally
+        .answered
         .iter()
         .copied()
-        .filter(|(_, r)| matches!(r.code, code::RENEWED | code::ELECTED | code::HANDED_OVER))
+        .filter(|(_, r)| is_grant(r.code))
         .collect();
     let failed = |outcome| Verdict {
         outcome,
-        release: granted.iter().map(|(i, _)| *i).collect(),
+        release: granted
+            .iter()
+            .filter(|(_, r)| is_new_lease(r.code))
+            .map(|(i, _)| *i)
+            .collect(),
         raise: Vec::new(),
         change: None,
+        late: Late::Release,
     };
 
-    if kind != Kind::Resign && granted.len() >= quorum && valid {
-        let token = granted
-            .iter()
-            .map(|(_, r)| r.token)
-            .max()
-            .unwrap_or_default();
-        let at_max = granted.iter().filter(|(_, r)| r.token == token).count();
-        let raise = if at_max >= quorum {
-            Vec::new()
-        } else {
-            granted
-                .iter()
-                .filter(|(_, r)| r.token < token)
-                .map(|(i, _)| *i)
-                .collect()
-        };
-        let fresh = granted
-            .iter()
-            .any(|(_, r)| r.token == token && r.code != code::RENEWED);
-        let (outcome, change) = match kind {
-            Kind::Handover => (
-                Outcome::HandedOver {
-                    token: FencingToken(token),
-                },
-                ChangeCause::HandedOver,
-            ),
-            _ if fresh => (
-                Outcome::Leading {
-                    token: FencingToken(token),
-                },
-                ChangeCause::Elected,
-            ),
-            _ => (
-                Outcome::Leading {
-                    token: FencingToken(token),
-                },
-                ChangeCause::Renewed,
-            ),
-        };
-        return Verdict {
-            outcome: Ok(outcome),
-            release: Vec::new(),
-            raise,
-            change: Some(change),
-        };
-    }
-    if answered.len() < quorum {
-        return failed(Err(unavailable(replies)));
+    if kind == Kind::Resign {
+        return resign(&tally);
     }
     if granted.len() >= quorum {
-        return failed(Err(StoreError::Unavailable(
-            "the lease's validity time ran out before a majority of Redis servers granted it"
-                .into(),
-        )));
+        if !valid {
+            return Some(failed(Err(StoreError::Unavailable(
+                "the lease's validity time ran out before a majority of Redis servers granted it"
+                    .into(),
+            ))));
+        }
+        return Some(granted_by_majority(kind, &granted, quorum));
     }
-    let replies = answered.iter().map(|(_, r)| *r);
-    match kind {
+    // Not (yet) granted by a majority: wait while the missing answers could still make one, or
+    // could still make a majority of answers that tells what happened instead.
+    let can_win = granted.len() + tally.pending >= quorum;
+    if can_win || (tally.answered.len() < quorum && tally.answers_possible()) {
+        return None;
+    }
+    if tally.answered.len() < quorum {
+        return Some(failed(Err(tally.unavailable())));
+    }
+    Some(match kind {
         Kind::Campaign => {
             // Lost. Report the holder a majority agrees on, else the most named one: with a
             // split vote nobody leads, and this candidate did not win either.
-            let holder =
-                majority_holder(replies.clone(), &[code::FOLLOWING], quorum).or_else(|| {
-                    replies
-                        .clone()
-                        .filter(|r| r.code == code::FOLLOWING)
-                        .max_by_key(|r| replies.clone().filter(|o| o.leader == r.leader).count())
-                        .map(|r| (r.leader.as_str(), r.token))
-                });
+            let holder = tally.majority_holder(&[code::FOLLOWING]).or_else(|| {
+                tally
+                    .replies()
+                    .filter(|r| r.code == code::FOLLOWING)
+                    .max_by_key(|r| tally.votes(&r.leader, &[code::FOLLOWING]))
+                    .map(|r| r.leader.as_str())
+            });
             match holder {
-                Some((leader, token)) => failed(name(leader).map(|leader| Outcome::Following {
-                    leader,
-                    token: FencingToken(token),
+                Some(leader) => failed(name(leader).map(|leader| {
+                    Outcome::Following {
+                        token: FencingToken(
+                            tally
+                                .replies()
+                                .filter(|r| {
+                                    r.code == code::FOLLOWING && r.leader == leader.as_str()
+                                })
+                                .map(|r| r.token)
+                                .max()
+                                .unwrap_or_default(),
+                        ),
+                        leader,
+                    }
                 })),
-                None => failed(Err(unavailable(results))),
+                None => failed(Err(tally.unavailable())),
             }
         }
-        Kind::Extend => {
-            let holder = majority_holder(replies, &[code::NOT_HOLDER], quorum);
-            failed(match holder {
-                Some((leader, _)) => name(leader).map(|h| Outcome::NotHolder { holder: Some(h) }),
-                None => Ok(Outcome::NotHolder { holder: None }),
-            })
-        }
-        Kind::Resign => {
-            if let Some((leader, _)) = majority_holder(replies, &[code::NOT_HOLDER], quorum) {
-                return failed(name(leader).map(|h| Outcome::NotHolder { holder: Some(h) }));
-            }
-            let resigned_live = answered
-                .iter()
-                .any(|(_, r)| r.code == code::RESIGNED && !r.leader.is_empty());
-            Verdict {
-                outcome: Ok(Outcome::Resigned),
-                release: Vec::new(),
-                raise: Vec::new(),
-                change: resigned_live.then_some(ChangeCause::Resigned),
-            }
-        }
-        Kind::Handover => failed(Err(unavailable(results))),
+        Kind::Extend => failed(match tally.majority_holder(&[code::NOT_HOLDER]) {
+            Some(leader) => name(leader).map(|h| Outcome::NotHolder { holder: Some(h) }),
+            None => Ok(Outcome::NotHolder { holder: None }),
+        }),
+        Kind::Handover | Kind::Resign => failed(Err(tally.unavailable())),
+    })
+}
+
+fn granted_by_majority(kind: Kind, granted: &[(usize, &Reply)], quorum: usize) -> Verdict {
+    let token = granted
+        .iter()
+        .map(|(_, r)| r.token)
+        .max()
+        .unwrap_or_default();
+    let at_max = granted.iter().filter(|(_, r)| r.token == token).count();
+    let raise = if at_max >= quorum {
+        Vec::new()
+    } else {
+        granted
+            .iter()
+            .filter(|(_, r)| r.token < token)
+            .map(|(i, _)| *i)
+            .collect()
+    };
+    let fresh = granted
+        .iter()
+        .any(|(_, r)| r.token == token && r.code != code::RENEWED);
+    let token = FencingToken(token);
+    let (outcome, change) = match kind {
+        Kind::Handover => (Outcome::HandedOver { token }, ChangeCause::HandedOver),
+        _ if fresh => (Outcome::Leading { token }, ChangeCause::Elected),
+        _ => (Outcome::Leading { token }, ChangeCause::Renewed),
+    };
+    Verdict {
+        outcome: Ok(outcome),
+        release: Vec::new(),
+        raise,
+        change: Some(change),
+        late: match change {
+            ChangeCause::Renewed => Late::Ignore,
+            _ => Late::Raise(token),
+        },
     }
 }
 
-/// Combines every server's answer to `leader.lua`: the leader a majority agrees on, with the
-/// highest token among them and the time until fewer than a majority still hold it.
-pub(crate) fn combine_leader(
-    replies: &[Result<Reply, StoreError>],
-) -> Result<Option<LeaderInfo>, StoreError> {
-    let servers = replies.len();
-    let quorum = quorum(servers);
-    let answered: Vec<&Reply> = replies.iter().filter_map(|r| r.as_ref().ok()).collect();
-    if answered.len() < quorum {
-        return Err(unavailable(replies));
-    }
-    let Some((leader, token)) = majority_holder(answered.iter().copied(), &[0], quorum) else {
-        return Ok(None);
+/// Resign succeeds unless another candidate holds a majority; a resignation cannot be taken back,
+/// so nothing is released.
+fn resign(tally: &Tally<'_>) -> Option<Verdict> {
+    let verdict = |outcome, change| Verdict {
+        outcome,
+        release: Vec::new(),
+        raise: Vec::new(),
+        change,
+        late: Late::Ignore,
     };
-    let mut ttls: Vec<u64> = answered
-        .iter()
-        .filter(|r| r.leader == leader)
-        .map(|r| r.ttl_ms)
-        .collect();
-    ttls.sort_unstable_by(|a, b| b.cmp(a));
-    Ok(Some(LeaderInfo {
-        leader: name(leader)?,
-        token: FencingToken(token),
-        ttl_ms: ttls[quorum - 1].max(1),
-    }))
+    if let Some(leader) = tally.majority_holder(&[code::NOT_HOLDER]) {
+        return Some(verdict(
+            name(leader).map(|h| Outcome::NotHolder { holder: Some(h) }),
+            None,
+        ));
+    }
+    if !tally.answers_possible() {
+        return Some(verdict(Err(tally.unavailable()), None));
+    }
+    // Wait while a majority of answers is missing, or the missing ones could still show another
+    // holder with a majority.
+    let another_could_lead = tally.most_votes(&[code::NOT_HOLDER]) + tally.pending >= tally.quorum;
+    if tally.answered.len() < tally.quorum || another_could_lead {
+        return None;
+    }
+    let resigned_live = tally
+        .replies()
+        .any(|r| r.code == code::RESIGNED && !r.leader.is_empty());
+    Some(verdict(
+        Ok(Outcome::Resigned),
+        resigned_live.then_some(ChangeCause::Resigned),
+    ))
+}
+
+/// Combines the answers received so far to `leader.lua`: the leader a majority agrees on, with
+/// the time until fewer than a majority still hold it, and the token level a majority vouches
+/// for. `None` while the missing answers could still change the result. When the servers that
+/// answered disagree and the missing ones could have tipped it, the store cannot tell who leads:
+/// that is an error, not "nobody".
+pub(crate) fn combine_leader(answers: &[Answer<Reply>]) -> Option<Result<Leadership, StoreError>> {
+    let tally = Tally::new(answers);
+    let quorum = tally.quorum;
+    let token = tally.durable_token();
+    if let Some(leader) = tally.majority_holder(&[0]) {
+        let mut ttls: Vec<u64> = tally
+            .replies()
+            .filter(|r| r.leader == leader)
+            .map(|r| r.ttl_ms)
+            .collect();
+        ttls.sort_unstable_by(|a, b| b.cmp(a));
+        return Some(name(leader).map(|leader| Leadership {
+            leader: Some(LeaderInfo {
+                leader,
+                token,
+                ttl_ms: ttls[quorum - 1].max(1),
+            }),
+            token,
+        }));
+    }
+    if !tally.answers_possible() {
+        return Some(Err(tally.unavailable()));
+    }
+    // Nobody can lead when no holder could reach a majority, even if every server that has not
+    // answered (or failed to) named it.
+    let unknown = tally.pending + tally.failed();
+    if tally.answered.len() >= quorum && tally.most_votes(&[0]) + unknown < quorum {
+        return Some(Ok(Leadership {
+            leader: None,
+            token,
+        }));
+    }
+    if tally.pending > 0 {
+        return None;
+    }
+    Some(Err(StoreError::Unavailable(format!(
+        "the Redis servers that answered disagree on the leader and {unknown} of {} did not \
+         answer in time",
+        tally.servers
+    ))))
+}
+
+/// Combines the answers received so far to a request that needs a majority of servers to answer
+/// (a ping, a scan): `Some(true)` once a majority has, `Some(false)` once it no longer can.
+pub(crate) fn majority_answered<T>(answers: &[Answer<T>]) -> Option<bool> {
+    let quorum = quorum(answers.len());
+    let ok = answers.iter().filter(|a| matches!(a, Some(Ok(_)))).count();
+    let pending = answers.iter().filter(|a| a.is_none()).count();
+    if ok >= quorum {
+        Some(true)
+    } else if ok + pending < quorum {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn ok(code: u8, leader: &str, token: u64) -> Result<Reply, StoreError> {
-        Ok(Reply {
+    fn ok(code: u8, leader: &str, token: u64) -> Answer<Reply> {
+        Some(Ok(Reply {
             code,
             leader: leader.into(),
             token,
             ttl_ms: 1_000,
-        })
+        }))
     }
 
-    fn down() -> Result<Reply, StoreError> {
-        Err(StoreError::Unavailable("down".into()))
+    fn down() -> Answer<Reply> {
+        Some(Err(StoreError::Unavailable("down".into())))
     }
 
     fn leading(token: u64) -> Result<Outcome, StoreError> {
@@ -291,25 +451,75 @@ mod tests {
         })
     }
 
+    fn decided(kind: Kind, answers: &[Answer<Reply>]) -> Verdict {
+        combine(kind, answers, true).expect("decided")
+    }
+
     #[test]
     fn a_majority_of_grants_wins_and_one_server_down_changes_nothing() {
-        let v = combine(
-            Kind::Campaign,
-            &[ok(6, "a", 4), ok(6, "a", 4), down()],
-            true,
-        );
+        let v = decided(Kind::Campaign, &[ok(6, "a", 4), ok(6, "a", 4), down()]);
         assert_eq!(v.outcome, leading(4));
         assert_eq!(
-            (v.release, v.raise, v.change),
-            (vec![], vec![], Some(ChangeCause::Elected))
+            (v.release, v.raise, v.change, v.late),
+            (
+                vec![],
+                vec![],
+                Some(ChangeCause::Elected),
+                Late::Raise(FencingToken(4))
+            )
         );
     }
 
     #[test]
-    fn two_servers_down_of_three_is_unavailable_and_the_lone_grant_is_released() {
-        let v = combine(Kind::Campaign, &[ok(6, "a", 4), down(), down()], true);
+    fn a_majority_of_grants_decides_without_waiting_for_the_last_server() {
+        let v = decided(Kind::Campaign, &[ok(6, "a", 4), None, ok(6, "a", 4)]);
+        assert_eq!(v.outcome, leading(4));
+        let v = decided(Kind::Extend, &[None, ok(1, "a", 4), ok(1, "a", 4)]);
+        assert_eq!((v.outcome, v.late), (leading(4), Late::Ignore));
+    }
+
+    #[test]
+    fn a_split_waits_for_the_server_that_can_tip_it() {
+        assert_eq!(
+            combine(Kind::Campaign, &[ok(6, "a", 4), ok(2, "b", 3), None], true),
+            None
+        );
+        assert_eq!(
+            combine(Kind::Campaign, &[ok(6, "a", 4), down(), None], true),
+            None
+        );
+        // One answer that cannot win, one down: a third answer would still tell who leads.
+        assert_eq!(
+            combine(Kind::Campaign, &[ok(2, "b", 4), down(), None], true),
+            None
+        );
+    }
+
+    #[test]
+    fn a_campaign_that_can_no_longer_win_is_decided_at_once() {
+        let v = decided(Kind::Campaign, &[ok(2, "b", 3), ok(2, "b", 3), None]);
+        assert_eq!(
+            v.outcome,
+            Ok(Outcome::Following {
+                leader: Name::parse("t", "b").unwrap(),
+                token: FencingToken(3)
+            })
+        );
+        assert_eq!(
+            v.late,
+            Late::Release,
+            "a late grant of the loser is released"
+        );
+    }
+
+    #[test]
+    fn two_servers_down_of_three_is_unavailable_at_once_and_the_lone_grant_is_released() {
+        let v = decided(Kind::Campaign, &[ok(6, "a", 4), down(), down()]);
         assert!(matches!(v.outcome, Err(StoreError::Unavailable(_))));
         assert_eq!(v.release, [0]);
+        let v = decided(Kind::Campaign, &[None, down(), down()]);
+        assert!(matches!(v.outcome, Err(StoreError::Unavailable(_))));
+        assert_eq!(v.late, Late::Release);
     }
 
     #[test]
@@ -318,17 +528,32 @@ mod tests {
             Kind::Campaign,
             &[ok(6, "a", 4), ok(6, "a", 4), ok(6, "a", 4)],
             false,
-        );
+        )
+        .unwrap();
         assert!(matches!(v.outcome, Err(StoreError::Unavailable(_))));
         assert_eq!(v.release, [0, 1, 2]);
     }
 
     #[test]
+    fn a_failed_extend_releases_no_renewal() {
+        // Two servers hung: the renewal on the third stands, the previous term with it.
+        let v = decided(Kind::Extend, &[ok(1, "a", 4), down(), down()]);
+        assert!(v.outcome.is_err());
+        assert_eq!(
+            v.release,
+            Vec::<usize>::new(),
+            "renewals are never released"
+        );
+        // A re-election of an expired lease is a new lease: that one is taken back.
+        let v = decided(Kind::Extend, &[ok(6, "a", 5), down(), down()]);
+        assert_eq!(v.release, [0]);
+    }
+
+    #[test]
     fn a_lost_campaign_names_the_majority_holder_and_releases_minority_grants() {
-        let v = combine(
+        let v = decided(
             Kind::Campaign,
             &[ok(6, "a", 9), ok(2, "b", 3), ok(2, "b", 4)],
-            true,
         );
         assert_eq!(
             v.outcome,
@@ -343,10 +568,9 @@ mod tests {
     #[test]
     fn diverged_tokens_are_raised_on_the_granting_servers_before_being_reported() {
         // Server 0 saw more elections (e.g. it was the only one up for a while).
-        let v = combine(
+        let v = decided(
             Kind::Campaign,
             &[ok(6, "a", 9), ok(6, "a", 4), ok(2, "b", 3)],
-            true,
         );
         assert_eq!(v.outcome, leading(9));
         assert_eq!(
@@ -354,72 +578,60 @@ mod tests {
             [1],
             "9 must reach a majority before it is reported"
         );
-        let v = combine(
+        let v = decided(
             Kind::Campaign,
             &[ok(6, "a", 9), ok(6, "a", 9), ok(6, "a", 4)],
-            true,
         );
         assert_eq!(v.raise, Vec::<usize>::new(), "already on a majority");
     }
 
     #[test]
     fn renewals_on_a_majority_keep_the_token_and_announce_no_change() {
-        let v = combine(Kind::Extend, &[ok(1, "a", 5), ok(1, "a", 5), down()], true);
+        let v = decided(Kind::Extend, &[ok(1, "a", 5), ok(1, "a", 5), down()]);
         assert_eq!(v.outcome, leading(5));
         assert_eq!(v.change, Some(ChangeCause::Renewed));
     }
 
     #[test]
     fn extend_by_a_non_holder_names_the_majority_holder_or_nobody() {
-        let v = combine(
-            Kind::Extend,
-            &[ok(5, "b", 5), ok(5, "b", 5), ok(1, "a", 5)],
-            true,
-        );
+        let v = decided(Kind::Extend, &[ok(5, "b", 5), ok(5, "b", 5), ok(1, "a", 5)]);
         assert_eq!(
             v.outcome,
             Ok(Outcome::NotHolder {
                 holder: Some(Name::parse("t", "b").unwrap())
             })
         );
-        assert_eq!(v.release, [2]);
-        let v = combine(Kind::Extend, &[ok(5, "", 5), ok(5, "", 5), down()], true);
+        assert_eq!(v.release, Vec::<usize>::new(), "a renewal is not released");
+        let v = decided(Kind::Extend, &[ok(5, "", 5), ok(5, "", 5), down()]);
         assert_eq!(v.outcome, Ok(Outcome::NotHolder { holder: None }));
     }
 
     #[test]
     fn resign_succeeds_unless_another_candidate_holds_a_majority() {
-        let v = combine(Kind::Resign, &[ok(3, "a", 5), ok(3, "a", 5), down()], true);
+        let v = decided(Kind::Resign, &[ok(3, "a", 5), ok(3, "a", 5), down()]);
         assert_eq!(
             (v.outcome, v.change),
             (Ok(Outcome::Resigned), Some(ChangeCause::Resigned))
         );
-        let v = combine(
-            Kind::Resign,
-            &[ok(3, "", 5), ok(3, "", 5), ok(3, "", 5)],
-            true,
-        );
+        let v = decided(Kind::Resign, &[ok(3, "", 5), ok(3, "", 5), None]);
         assert_eq!((v.outcome, v.change), (Ok(Outcome::Resigned), None));
-        let v = combine(
-            Kind::Resign,
-            &[ok(5, "b", 5), ok(5, "b", 5), ok(3, "a", 5)],
-            true,
-        );
+        let v = decided(Kind::Resign, &[ok(5, "b", 5), ok(5, "b", 5), ok(3, "a", 5)]);
         assert!(matches!(
             v.outcome,
             Ok(Outcome::NotHolder { holder: Some(_) })
         ));
-        let v = combine(Kind::Resign, &[ok(3, "a", 5), down(), down()], true);
+        assert_eq!(
+            combine(Kind::Resign, &[ok(5, "b", 5), ok(3, "a", 5), None], true),
+            None,
+            "the last server decides whether b holds a majority"
+        );
+        let v = decided(Kind::Resign, &[ok(3, "a", 5), down(), down()]);
         assert!(matches!(v.outcome, Err(StoreError::Unavailable(_))));
     }
 
     #[test]
     fn handover_needs_a_majority() {
-        let v = combine(
-            Kind::Handover,
-            &[ok(4, "c", 7), ok(4, "c", 7), down()],
-            true,
-        );
+        let v = decided(Kind::Handover, &[ok(4, "c", 7), ok(4, "c", 7), None]);
         assert_eq!(
             v.outcome,
             Ok(Outcome::HandedOver {
@@ -427,41 +639,101 @@ mod tests {
             })
         );
         assert_eq!(v.change, Some(ChangeCause::HandedOver));
-        let v = combine(Kind::Handover, &[ok(4, "c", 7), down(), down()], true);
+        let v = decided(Kind::Handover, &[ok(4, "c", 7), down(), down()]);
         assert!(v.outcome.is_err());
         assert_eq!(v.release, [0]);
     }
 
+    fn live(leader: &str, token: u64, ttl_ms: u64) -> Answer<Reply> {
+        Some(Ok(Reply {
+            code: 0,
+            leader: leader.into(),
+            token,
+            ttl_ms,
+        }))
+    }
+
+    fn read(answers: &[Answer<Reply>]) -> Result<Leadership, StoreError> {
+        combine_leader(answers).expect("decided")
+    }
+
     #[test]
     fn reads_need_a_majority_agreeing_on_one_live_leader() {
-        let live = |leader: &str, token, ttl_ms| {
-            Ok(Reply {
-                code: 0,
-                leader: leader.into(),
-                token,
-                ttl_ms,
-            })
-        };
-        let info = combine_leader(&[live("a", 3, 900), live("a", 4, 500), live("", 2, 0)])
+        let info = read(&[live("a", 4, 900), live("a", 4, 500), live("", 2, 0)])
             .unwrap()
+            .leader
             .unwrap();
         assert_eq!(
             (info.leader.as_str(), info.token.0, info.ttl_ms),
             ("a", 4, 500)
         );
         assert_eq!(
-            combine_leader(&[live("a", 3, 900), live("b", 4, 500), live("", 2, 0)]).unwrap(),
-            None,
+            read(&[live("a", 3, 900), live("b", 4, 500), live("", 2, 0)]).unwrap(),
+            Leadership {
+                leader: None,
+                token: FencingToken(3)
+            },
             "no majority: no leader"
         );
-        assert!(combine_leader(&[live("a", 3, 900), down(), down()]).is_err());
+        assert!(read(&[live("a", 3, 900), down(), down()]).is_err());
         assert_eq!(
-            combine_leader(&[live("a", 3, 900)])
-                .unwrap()
-                .unwrap()
-                .ttl_ms,
+            read(&[live("a", 3, 900)]).unwrap().leader.unwrap().ttl_ms,
             900,
             "a single server is its own majority"
+        );
+    }
+
+    #[test]
+    fn reads_report_only_a_token_a_majority_vouches_for() {
+        // Server 0 holds a token the others never got (a raise that reached only it).
+        let info = read(&[live("a", 9, 900), live("a", 4, 900), live("a", 4, 900)])
+            .unwrap()
+            .leader
+            .unwrap();
+        assert_eq!(info.token, FencingToken(4));
+        let nobody = read(&[live("", 9, 0), live("", 4, 0), live("", 4, 0)]).unwrap();
+        assert_eq!(nobody.token, FencingToken(4));
+    }
+
+    #[test]
+    fn reads_decide_at_a_majority_and_say_unknown_rather_than_nobody() {
+        assert_eq!(
+            read(&[live("a", 4, 900), None, live("a", 4, 800)])
+                .unwrap()
+                .leader
+                .map(|l| l.leader.to_string()),
+            Some("a".into()),
+            "two agreeing servers need not wait for the third"
+        );
+        assert_eq!(
+            read(&[live("", 4, 0), None, live("", 4, 0)])
+                .unwrap()
+                .leader,
+            None
+        );
+        assert_eq!(
+            combine_leader(&[live("a", 4, 900), None, live("", 4, 0)]),
+            None,
+            "the third server decides"
+        );
+        assert!(
+            read(&[live("a", 4, 900), down(), live("", 4, 0)]).is_err(),
+            "a server that did not answer might have named a: cannot tell"
+        );
+    }
+
+    #[test]
+    fn requests_needing_a_majority_decide_as_soon_as_it_is_there_or_gone() {
+        let up: Answer<()> = Some(Ok(()));
+        let failed: Answer<()> = Some(Err(StoreError::Unavailable("down".into())));
+        assert_eq!(
+            majority_answered(&[up.clone(), None, up.clone()]),
+            Some(true)
+        );
+        assert_eq!(majority_answered(&[up.clone(), None, failed.clone()]), None);
+        assert_eq!(
+            majority_answered(&[failed.clone(), None, failed]),
+            Some(false)
         );
     }
 

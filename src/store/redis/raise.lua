@@ -1,13 +1,16 @@
--- Raises an election's fencing token to at least ARGV[1] on one Redis server, if ARGV[2] still
--- holds the lease there (Redlock: makes a reported token durable on a majority; see quorum.rs).
+-- Raises, on one Redis server, the fencing token of the lease a Redlock command granted or
+-- renewed there to at least the token the command reports, so that token is durable on a
+-- majority before anyone is told (quorum.rs). Only if the record's last change is that command's.
 --
 -- KEYS[1]  the election's record (see lease.lua).
+-- ARGV[1]  the command's id.
+-- ARGV[2]  the token to reach.
 -- Returns the token now stored.
 
-local record = redis.call('HMGET', KEYS[1], 'h', 't')
+local record = redis.call('HMGET', KEYS[1], 'i', 't')
 local token = tonumber(record[2]) or 0
-local target = tonumber(ARGV[1])
-if record[1] == ARGV[2] and token < target then
+local target = tonumber(ARGV[2])
+if record[1] == ARGV[1] and token < target then
   redis.call('HSET', KEYS[1], 't', target)
   return target
 end
