@@ -151,6 +151,8 @@ impl LeaseStore for Store {
 #[cfg(test)]
 pub(crate) mod contract;
 #[cfg(test)]
+pub(crate) mod faults;
+#[cfg(test)]
 pub(crate) mod safety;
 #[cfg(test)]
 pub(crate) mod servers;

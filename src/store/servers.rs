@@ -1,15 +1,23 @@
 //! Real Redis servers for the Redis store's tests.
 //!
 //! Every server here is a genuine `redis-server` (or `redis-sentinel`) process from the machine's
-//! Redis installation, listening on 127.0.0.1 on a port picked free for it, without persistence,
-//! in a private temporary directory that also holds its log. Dropping a handle kills the process
-//! and removes the directory, so no server outlives its test, even one that panics.
+//! Redis installation, listening on 127.0.0.1 on a port picked free for it, without persistence
+//! unless asked for, in a private temporary directory that also holds its log. Dropping a handle
+//! kills the process and removes the directory, so no server outlives its test, even one that
+//! panics.
 //!
 //! * [`RedisServer`] — one standalone server that a test can crash ([`RedisServer::stop`]) and
-//!   bring back on the same port ([`RedisServer::restart`]); [`start_many`] starts independent
-//!   ones (Redlock).
+//!   bring back on the same port ([`RedisServer::restart`]), empty or, if started
+//!   [persistent](RedisServer::start_persistent), with every write it acknowledged;
+//!   [`start_many`] starts independent ones (Redlock).
 //! * [`SentinelSet`] — a master, its replica and three sentinels, ready to fail over.
 //! * [`RedisCluster`] — a six-node cluster, three masters with one replica each.
+//!
+//! The `start_proxied` variants of the last two put each data server behind its own
+//! [`FaultProxy`] and make it announce the proxy's port — to sentinels, replicas and cluster
+//! peers — so the store's clients, which discover addresses from Sentinel or `CLUSTER SLOTS`,
+//! reach every server only through a link a test can break. The harness itself talks to each
+//! server on its own port, so a fault never gets in the way of setting up or checking a test.
 //!
 //! Raw commands go through `redis-cli`, so the harness depends on no Redis client crate. Missing
 //! Redis programs make the tests panic with the way to install them: they never silently skip.
@@ -26,6 +34,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
 
+use super::faults::FaultProxy;
+
+/// How far behind a replica may be (its last acknowledgement) for a master started with
+/// `min-replicas-to-write 1` to accept writes.
+const MIN_REPLICAS_MAX_LAG: Duration = Duration::from_secs(2);
 /// How long a server may take to answer PING after it was spawned.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a [`SentinelSet`] may take to be ready to fail over.
@@ -76,6 +89,20 @@ fn free_ports(n: usize) -> Vec<u16> {
                 .port()
         })
         .collect()
+}
+
+/// A listener on a free loopback port, held so that no other process takes the port before a
+/// [`FaultProxy`] is started on it (the servers behind proxies announce the port first).
+fn reserve_port() -> TcpListener {
+    TcpListener::bind(("127.0.0.1", 0)).expect("bind 127.0.0.1:0 to reserve a port for a proxy")
+}
+
+/// The port `listener` is bound to.
+fn port_of(listener: &TcpListener) -> u16 {
+    listener
+        .local_addr()
+        .expect("local address of a bound listener")
+        .port()
 }
 
 /// A new, empty, private directory under the system's temporary directory.
@@ -220,6 +247,19 @@ pub(crate) async fn redis_cli(port: u16, command: &[&str]) -> Result<String, Str
     Ok(reply)
 }
 
+/// Disconnects every client of the server on `port` that is in pub/sub mode (`CLIENT KILL TYPE
+/// pubsub`), as a server-side timeout or a proxy dropping idle connections would, and returns
+/// how many there were.
+pub(crate) async fn kill_pubsub_clients(port: u16) -> usize {
+    let reply = redis_cli(port, &["CLIENT", "KILL", "TYPE", "pubsub"])
+        .await
+        .unwrap_or_else(|why| panic!("CLIENT KILL TYPE pubsub on port {port} failed: {why}"));
+    reply
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("unexpected CLIENT KILL reply {reply:?} on port {port}"))
+}
+
 /// The value of `field` in an INFO-style reply (`field:value` lines).
 fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
     info.lines().find_map(|line| {
@@ -252,6 +292,19 @@ enum Kind {
     Sentinel { master_port: u16 },
 }
 
+/// How a data server is set up beyond its [`Kind`] (none of it applies to a sentinel).
+#[derive(Debug, Clone, Copy, Default)]
+struct Settings {
+    /// An append-only file fsynced at every write: a crash loses no write it acknowledged.
+    persistent: bool,
+    /// The port it tells replicas, sentinels and cluster peers to reach it on (its proxy's),
+    /// instead of its own.
+    announced_port: Option<u16>,
+    /// `min-replicas-to-write 1`: it refuses writes while no replica has acknowledged the
+    /// replication stream within [`MIN_REPLICAS_MAX_LAG`].
+    min_replicas: bool,
+}
+
 /// Why a spawned server did not become ready.
 enum StartError {
     /// Another process holds its port.
@@ -266,6 +319,7 @@ enum StartError {
 pub(crate) struct RedisServer {
     port: u16,
     kind: Kind,
+    settings: Settings,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -273,31 +327,46 @@ pub(crate) struct RedisServer {
 impl RedisServer {
     /// Starts a standalone server on a free port and waits until it answers PING.
     pub(crate) async fn start() -> RedisServer {
-        Self::start_kind(|_| Kind::Standalone { replica_of: None }).await
+        Self::start_kind(
+            |_| Kind::Standalone { replica_of: None },
+            Settings::default(),
+        )
+        .await
+    }
+
+    /// Like [`start`](Self::start), with an append-only file fsynced at every write, so that
+    /// [`stop`](Self::stop) (a crash) and [`restart`](Self::restart) keep every acknowledged write.
+    pub(crate) async fn start_persistent() -> RedisServer {
+        let settings = Settings {
+            persistent: true,
+            ..Settings::default()
+        };
+        Self::start_kind(|_| Kind::Standalone { replica_of: None }, settings).await
     }
 
     /// Starts a standalone server replicating the server at 127.0.0.1:`master_port`
     /// (`--replicaof`); returns once it answers PING, not once replication is up.
     pub(crate) async fn start_replica_of(master_port: u16) -> RedisServer {
-        Self::start_kind(move |_| Kind::Standalone {
+        let kind = move |_| Kind::Standalone {
             replica_of: Some(master_port),
-        })
-        .await
+        };
+        Self::start_kind(kind, Settings::default()).await
     }
 
     /// Starts a cluster node (empty, not yet part of any cluster).
-    async fn start_cluster_node() -> RedisServer {
-        Self::start_kind(|bus_port| Kind::ClusterNode { bus_port }).await
+    async fn start_cluster_node(settings: Settings) -> RedisServer {
+        Self::start_kind(|bus_port| Kind::ClusterNode { bus_port }, settings).await
     }
 
     /// Starts a sentinel monitoring the master at 127.0.0.1:`master_port`.
     async fn start_sentinel(master_port: u16) -> RedisServer {
-        Self::start_kind(move |_| Kind::Sentinel { master_port }).await
+        Self::start_kind(move |_| Kind::Sentinel { master_port }, Settings::default()).await
     }
 
     /// Starts a process of the kind `kind` makes (given a spare free port, used for a cluster
-    /// bus) in a new private directory, retrying on fresh ports while another process takes them.
-    async fn start_kind(kind: impl Fn(u16) -> Kind) -> RedisServer {
+    /// bus) with `settings` in a new private directory, retrying on fresh ports while another
+    /// process takes them.
+    async fn start_kind(kind: impl Fn(u16) -> Kind, settings: Settings) -> RedisServer {
         let dir = private_dir();
         let mut server = None::<RedisServer>;
         for _ in 0..PORT_ATTEMPTS {
@@ -311,6 +380,7 @@ impl RedisServer {
                 None => RedisServer {
                     port: ports[0],
                     kind: kind(ports[1]),
+                    settings,
                     dir: dir.clone(),
                     child: None,
                 },
@@ -337,6 +407,11 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// The port it tells others to reach it on: its proxy's if it sits behind one, else its own.
+    pub(crate) fn announced_port(&self) -> u16 {
+        self.settings.announced_port.unwrap_or(self.port)
+    }
+
     /// Its private directory (config, log, cluster `nodes.conf`).
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
@@ -358,8 +433,8 @@ impl RedisServer {
     /// Starts the process again on the same port, in the same directory, with the same
     /// arguments (killing it first if it still runs), and waits until it answers PING.
     ///
-    /// A standalone server comes back empty (no persistence); a cluster node keeps its identity
-    /// (`nodes.conf`); a sentinel keeps the configuration it rewrote.
+    /// A standalone server comes back empty, unless it was started persistent; a cluster node
+    /// keeps its identity (`nodes.conf`); a sentinel keeps the configuration it rewrote.
     pub(crate) async fn restart(&mut self) {
         self.stop().await;
         match self.launch(false).await {
@@ -449,8 +524,6 @@ impl RedisServer {
             "127.0.0.1",
             "--save",
             "",
-            "--appendonly",
-            "no",
             "--daemonize",
             "no",
             "--protected-mode",
@@ -464,6 +537,36 @@ impl RedisServer {
         .iter()
         .map(ToString::to_string)
         .collect();
+        let mut set = |name: &str, value: &str| args.extend([format!("--{name}"), value.into()]);
+        if self.settings.persistent {
+            // Every write is on disk before it is acknowledged: SIGKILL loses none of them.
+            set("appendonly", "yes");
+            set("appendfsync", "always");
+        } else {
+            set("appendonly", "no");
+        }
+        if self.settings.min_replicas {
+            set("min-replicas-to-write", "1");
+            set(
+                "min-replicas-max-lag",
+                &MIN_REPLICAS_MAX_LAG.as_secs().to_string(),
+            );
+        }
+        match (&self.kind, self.settings.announced_port) {
+            (Kind::ClusterNode { bus_port }, Some(announced)) => {
+                // Clients and replicas are told the proxy's port; the cluster bus (gossip,
+                // failure detection, votes) stays direct.
+                set("cluster-announce-ip", "127.0.0.1");
+                set("cluster-announce-port", &announced.to_string());
+                set("cluster-announce-bus-port", &bus_port.to_string());
+            }
+            (Kind::Standalone { .. }, Some(announced)) => {
+                // What its master's INFO, and so the sentinels, list it as once it replicates.
+                set("replica-announce-ip", "127.0.0.1");
+                set("replica-announce-port", &announced.to_string());
+            }
+            (_, _) => {}
+        }
         match &self.kind {
             Kind::Standalone {
                 replica_of: Some(master),
@@ -591,12 +694,18 @@ where
 ///
 /// [`master`](Self::master) and [`replica`](Self::replica) are the servers *started* as master
 /// and replica; after a failover their roles are swapped, not the handles.
+///
+/// Started [proxied](Self::start_proxied), each data server sits behind its own [`FaultProxy`]
+/// and is known to the sentinels, to its peer and to clients only by its proxy's port.
 #[derive(Debug)]
 pub(crate) struct SentinelSet {
     master: RedisServer,
     replica: RedisServer,
     sentinels: Vec<RedisServer>,
-    /// The master port the sentinels last agreed on (at start or the last failover awaited).
+    /// The proxies in front of the master and the replica, if started proxied.
+    proxies: Option<(FaultProxy, FaultProxy)>,
+    /// The master port (as announced) the sentinels last agreed on (at start or the last
+    /// failover awaited).
     known_master: AtomicU16,
 }
 
@@ -604,16 +713,70 @@ impl SentinelSet {
     /// Starts the set and waits (20 s at most) until a failover can happen: the replica is in
     /// sync, and every sentinel knows the master, the replica and the two other sentinels.
     pub(crate) async fn start() -> SentinelSet {
+        Self::launch(false, false).await
+    }
+
+    /// Like [`start`](Self::start), with the master and the replica each behind a
+    /// [`FaultProxy`] ([`master_proxy`](Self::master_proxy),
+    /// [`replica_proxy`](Self::replica_proxy)): the sentinels monitor the master through its
+    /// proxy, the replica replicates through it, and each server announces its proxy's port, so
+    /// the sentinels report a proxy's port before and after a failover.
+    ///
+    /// Both servers run with `min-replicas-to-write 1` (lag 2 s): a master without a replica
+    /// in sync — one cut off from it, or a replica just promoted until the old master rejoins
+    /// as its replica — refuses writes (`NOREPLICAS`) rather than accept writes a failover
+    /// would lose.
+    pub(crate) async fn start_proxied() -> SentinelSet {
+        Self::launch(true, false).await
+    }
+
+    /// Like [`start_proxied`](Self::start_proxied), with both servers
+    /// [persistent](RedisServer::start_persistent).
+    pub(crate) async fn start_proxied_persistent() -> SentinelSet {
+        Self::launch(true, true).await
+    }
+
+    async fn launch(proxied: bool, persistent: bool) -> SentinelSet {
         let started = Instant::now();
-        let master = RedisServer::start().await;
-        let replica = RedisServer::start_replica_of(master.port()).await;
-        let replica_port = replica.port();
+        // The proxies' ports come first: each server is started announcing its proxy's.
+        let listeners = proxied.then(|| (reserve_port(), reserve_port()));
+        let settings = |announced_port: Option<u16>| Settings {
+            persistent,
+            announced_port,
+            min_replicas: proxied,
+        };
+        let master = match &listeners {
+            None => RedisServer::start().await,
+            Some((master, _)) => {
+                let kind = |_| Kind::Standalone { replica_of: None };
+                RedisServer::start_kind(kind, settings(Some(port_of(master)))).await
+            }
+        };
+        // Where the sentinels and the replica reach the master.
+        let master_port = master.announced_port();
+        let replica = match &listeners {
+            None => RedisServer::start_replica_of(master_port).await,
+            Some((_, replica)) => {
+                let kind = move |_| Kind::Standalone {
+                    replica_of: Some(master_port),
+                };
+                RedisServer::start_kind(kind, settings(Some(port_of(replica)))).await
+            }
+        };
+        let proxies = match listeners {
+            Some((master_listener, replica_listener)) => Some((
+                FaultProxy::start_with(master_listener, master.port()).await,
+                FaultProxy::start_with(replica_listener, replica.port()).await,
+            )),
+            None => None,
+        };
+        let replica_own_port = replica.port();
         // Sentinels discover replicas from the master's INFO, so the replica must be linked first.
         wait_until(
             "sentinel set: replica linked to its master",
             SENTINEL_READY_TIMEOUT,
             || async move {
-                let info = redis_cli(replica_port, &["INFO", "replication"]).await?;
+                let info = redis_cli(replica_own_port, &["INFO", "replication"]).await?;
                 match info_field(&info, "master_link_status") {
                     Some("up") => Ok(()),
                     status => Err(format!("master_link_status {status:?}")),
@@ -621,12 +784,13 @@ impl SentinelSet {
             },
         )
         .await;
-        let master_port = master.port();
+        let replica_port = replica.announced_port();
         let sentinels = join_all((0..3).map(|_| RedisServer::start_sentinel(master_port))).await;
         let set = SentinelSet {
             master,
             replica,
             sentinels,
+            proxies,
             known_master: AtomicU16::new(master_port),
         };
         let remaining = SENTINEL_READY_TIMEOUT.saturating_sub(started.elapsed());
@@ -641,7 +805,8 @@ impl SentinelSet {
         set
     }
 
-    /// Whether the sentinel on `sentinel` sees the master, a healthy replica and two peers.
+    /// Whether the sentinel on `sentinel` sees the master, a healthy replica and two peers
+    /// (`master` and `replica`: the ports they announce).
     async fn sentinel_ready(sentinel: u16, master: u16, replica: u16) -> Result<(), String> {
         let reported = Self::reported_master(sentinel).await?;
         if reported != master {
@@ -683,7 +848,7 @@ impl SentinelSet {
         Ok(())
     }
 
-    /// The master port the sentinel on `sentinel` reports.
+    /// The master port the sentinel on `sentinel` reports (a proxy's, if started proxied).
     async fn reported_master(sentinel: u16) -> Result<u16, String> {
         let reply = redis_cli(
             sentinel,
@@ -724,30 +889,61 @@ impl SentinelSet {
         &mut self.replica
     }
 
+    /// The proxy in front of the server started as master; panics if not started proxied.
+    pub(crate) fn master_proxy(&self) -> &FaultProxy {
+        &self.proxies().0
+    }
+
+    /// The proxy in front of the server started as replica; panics if not started proxied.
+    pub(crate) fn replica_proxy(&self) -> &FaultProxy {
+        &self.proxies().1
+    }
+
+    fn proxies(&self) -> &(FaultProxy, FaultProxy) {
+        self.proxies
+            .as_ref()
+            .expect("sentinel set: started without proxies (use SentinelSet::start_proxied)")
+    }
+
     /// The three sentinels.
     pub(crate) fn sentinels(&mut self) -> &mut [RedisServer] {
         &mut self.sentinels
     }
 
-    /// The data server (master or replica) on `port`, if it is one of this set's.
+    /// The data server (master or replica) on `port` — its own port or the one it announces
+    /// (its proxy's) — if it is one of this set's.
     pub(crate) fn server_on(&mut self, port: u16) -> Option<&mut RedisServer> {
         [&mut self.master, &mut self.replica]
             .into_iter()
-            .find(|server| server.port() == port)
+            .find(|server| server.port() == port || server.announced_port() == port)
+    }
+
+    /// The own port of the data server that announces `announced`, if it is one of this set's.
+    fn own_port(&self, announced: u16) -> Option<u16> {
+        [&self.master, &self.replica]
+            .into_iter()
+            .find(|server| server.announced_port() == announced)
+            .map(RedisServer::port)
     }
 
     /// Waits until the sentinels have failed over to a new master: every reachable sentinel
     /// (at least one) reports the same master port, different from the one they agreed on before
-    /// (at start, or at the previous call), and the server there says `role:master`. Returns that
-    /// port; panics after `timeout`.
+    /// (at start, or at the previous call), and the server there says `role:master`. Returns
+    /// that server's own port (not its proxy's: see [`server_on`](Self::server_on)); panics
+    /// after `timeout`.
     pub(crate) async fn wait_for_failover(&self, timeout: Duration) -> u16 {
         let old = self.known_master.load(Ordering::SeqCst);
         let sentinels = self.sentinel_ports();
+        let own_ports: Vec<(u16, u16)> = [&self.master, &self.replica]
+            .into_iter()
+            .map(|server| (server.announced_port(), server.port()))
+            .collect();
         let new = wait_until(
             &format!("sentinel set: failover away from the master on port {old}"),
             timeout,
             || {
                 let sentinels = sentinels.clone();
+                let own_ports = own_ports.clone();
                 async move {
                     let mut reported = Vec::new();
                     for sentinel in sentinels {
@@ -762,17 +958,22 @@ impl SentinelSet {
                     if new == old || reported.iter().any(|&port| port != new) {
                         return Err(format!("sentinels report master ports {reported:?}"));
                     }
-                    let info = redis_cli(new, &["INFO", "replication"]).await?;
+                    let Some(&(_, own)) = own_ports.iter().find(|(announced, _)| *announced == new)
+                    else {
+                        return Err(format!("sentinels report master port {new}, not ours"));
+                    };
+                    // Asked directly, so that a fault on its proxy does not hide the answer.
+                    let info = redis_cli(own, &["INFO", "replication"]).await?;
                     match info_field(&info, "role") {
                         Some("master") => Ok(new),
-                        role => Err(format!("the server on port {new} has role {role:?}")),
+                        role => Err(format!("the server on port {own} has role {role:?}")),
                     }
                 }
             },
         )
         .await;
         self.known_master.store(new, Ordering::SeqCst);
-        new
+        self.own_port(new).expect("checked to be one of ours")
     }
 }
 
@@ -842,22 +1043,64 @@ async fn cluster_nodes(port: u16) -> Result<Vec<ClusterNodeLine>, String> {
 }
 
 /// A six-node Redis Cluster: three masters with one replica each (node timeout 1 s).
+///
+/// Started [proxied](Self::start_proxied), each node sits behind its own [`FaultProxy`] and
+/// announces the proxy's port as its address (`CLUSTER SLOTS`, `CLUSTER NODES`, redirections,
+/// replication); the cluster bus stays direct.
 #[derive(Debug)]
 pub(crate) struct RedisCluster {
     nodes: Vec<RedisServer>,
+    /// The proxy in front of each node (same order as `nodes`), or none.
+    proxies: Vec<FaultProxy>,
 }
 
 impl RedisCluster {
     /// Starts six cluster nodes, joins them with `redis-cli --cluster create ... --cluster-replicas
     /// 1`, and waits (30 s at most) until every node reports `cluster_state:ok`.
     pub(crate) async fn start() -> RedisCluster {
+        Self::launch(false, false).await
+    }
+
+    /// Like [`start`](Self::start), with each node behind its own [`FaultProxy`] and announcing
+    /// the proxy's port as its client port (its cluster bus port stays its own, so gossip and
+    /// failure detection between nodes bypass the proxies — a fault on a proxy cuts a node off
+    /// from clients and from its replica, not from its peers). [`urls`](Self::urls) are the
+    /// proxies'.
+    pub(crate) async fn start_proxied() -> RedisCluster {
+        Self::launch(true, false).await
+    }
+
+    /// Like [`start_proxied`](Self::start_proxied), with every node
+    /// [persistent](RedisServer::start_persistent).
+    pub(crate) async fn start_proxied_persistent() -> RedisCluster {
+        Self::launch(true, true).await
+    }
+
+    async fn launch(proxied: bool, persistent: bool) -> RedisCluster {
         let started = Instant::now();
-        let nodes = join_all((0..6).map(|_| RedisServer::start_cluster_node())).await;
+        let listeners: Vec<TcpListener> = if proxied {
+            (0..6).map(|_| reserve_port()).collect()
+        } else {
+            Vec::new()
+        };
+        let nodes = join_all((0..6).map(|i| {
+            RedisServer::start_cluster_node(Settings {
+                persistent,
+                announced_port: listeners.get(i).map(port_of),
+                min_replicas: false,
+            })
+        }))
+        .await;
+        let mut proxies = Vec::new();
+        for (listener, node) in listeners.into_iter().zip(&nodes) {
+            proxies.push(FaultProxy::start_with(listener, node.port()).await);
+        }
+        // Created through the announced addresses, the nodes' own view of themselves.
         let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
         args.extend(
             nodes
                 .iter()
-                .map(|node| format!("127.0.0.1:{}", node.port())),
+                .map(|node| format!("127.0.0.1:{}", node.announced_port())),
         );
         args.extend(["--cluster-replicas", "1", "--cluster-yes"].map(String::from));
         let output = run_cli(&args, CLUSTER_READY_TIMEOUT)
@@ -868,21 +1111,32 @@ impl RedisCluster {
             "cluster: `redis-cli {}` did not cover every slot:\n{output}",
             args.join(" ")
         );
-        let cluster = RedisCluster { nodes };
+        let cluster = RedisCluster { nodes, proxies };
         cluster
             .wait_until_ok(CLUSTER_READY_TIMEOUT.saturating_sub(started.elapsed()))
             .await;
         cluster
     }
 
-    /// `redis://127.0.0.1:PORT` of each node.
+    /// `redis://127.0.0.1:PORT` of each node, as it announces itself: its proxy's, if started
+    /// proxied.
     pub(crate) fn urls(&self) -> Vec<String> {
-        self.nodes.iter().map(RedisServer::url).collect()
+        if self.proxies.is_empty() {
+            self.nodes.iter().map(RedisServer::url).collect()
+        } else {
+            self.proxies.iter().map(FaultProxy::url).collect()
+        }
     }
 
-    /// The port of each node.
+    /// The own port of each node (not its proxy's).
     pub(crate) fn ports(&self) -> Vec<u16> {
         self.nodes.iter().map(RedisServer::port).collect()
+    }
+
+    /// The proxy in front of each node, in the order of [`nodes`](Self::nodes) (empty unless
+    /// started proxied).
+    pub(crate) fn proxies(&self) -> &[FaultProxy] {
+        &self.proxies
     }
 
     /// The six nodes, in start order (roles change with failovers).
@@ -911,27 +1165,46 @@ impl RedisCluster {
             .unwrap_or_else(|_| panic!("cluster: unexpected CLUSTER KEYSLOT reply {reply:?}"))
     }
 
-    /// The port of the master serving `key`, as a running node's `CLUSTER NODES` says.
-    pub(crate) async fn master_port_for_key(&self, key: &str) -> u16 {
+    /// The index in `nodes` of the master serving `key`, as a running node's `CLUSTER NODES`
+    /// says (which lists each node by the port it announces).
+    async fn master_index_for_key(&self, key: &str) -> usize {
         let slot = self.key_slot(key).await;
         let port = self.any_running_port();
         let nodes = cluster_nodes(port)
             .await
             .unwrap_or_else(|why| panic!("cluster: CLUSTER NODES failed: {why}"));
-        nodes
+        let announced = nodes
             .iter()
             .find(|node| node.has_flag("master") && node.serves(slot))
             .map(|node| node.port)
-            .unwrap_or_else(|| panic!("cluster: no master serves slot {slot} of {key:?}"))
+            .unwrap_or_else(|| panic!("cluster: no master serves slot {slot} of {key:?}"));
+        self.nodes
+            .iter()
+            .position(|node| node.announced_port() == announced)
+            .unwrap_or_else(|| panic!("cluster: the master on port {announced} is not one of ours"))
+    }
+
+    /// The own port (not its proxy's) of the master serving `key`, as a running node's
+    /// `CLUSTER NODES` says.
+    pub(crate) async fn master_port_for_key(&self, key: &str) -> u16 {
+        let index = self.master_index_for_key(key).await;
+        self.nodes[index].port()
     }
 
     /// The node that is the master serving `key`.
     pub(crate) async fn master_for_key(&mut self, key: &str) -> &mut RedisServer {
-        let port = self.master_port_for_key(key).await;
-        self.nodes
-            .iter_mut()
-            .find(|node| node.port() == port)
-            .unwrap_or_else(|| panic!("cluster: the master on port {port} is not one of ours"))
+        let index = self.master_index_for_key(key).await;
+        &mut self.nodes[index]
+    }
+
+    /// The proxy in front of the master serving `key`; panics if not started proxied.
+    pub(crate) async fn proxy_for_key(&self, key: &str) -> &FaultProxy {
+        assert!(
+            !self.proxies.is_empty(),
+            "cluster: started without proxies (use RedisCluster::start_proxied)"
+        );
+        let index = self.master_index_for_key(key).await;
+        &self.proxies[index]
     }
 
     /// Waits until the cluster is whole again on every running node: `cluster_state:ok`, all
@@ -940,11 +1213,11 @@ impl RedisCluster {
     /// as such a master or as a replica of one, and every running replica in sync with its master
     /// (so it could take over in turn). Panics after `timeout`.
     pub(crate) async fn wait_until_ok(&self, timeout: Duration) {
-        let running: Vec<u16> = self
+        let running: Vec<(u16, u16)> = self
             .nodes
             .iter()
             .filter(|node| node.is_running())
-            .map(RedisServer::port)
+            .map(|node| (node.port(), node.announced_port()))
             .collect();
         wait_until(
             "cluster: cluster_state:ok on every running node",
@@ -952,8 +1225,9 @@ impl RedisCluster {
             || {
                 let running = running.clone();
                 async move {
-                    for &port in &running {
-                        Self::node_ok(port, &running).await?;
+                    let announced: Vec<u16> = running.iter().map(|&(_, port)| port).collect();
+                    for &(port, _) in &running {
+                        Self::node_ok(port, &announced).await?;
                     }
                     Ok(())
                 }
@@ -962,7 +1236,8 @@ impl RedisCluster {
         .await;
     }
 
-    /// Whether the node on `port` sees a whole cluster served by the `running` nodes.
+    /// Whether the node on `port` (its own) sees a whole cluster served by the `running` nodes
+    /// (the ports they announce, as `CLUSTER NODES` lists them).
     async fn node_ok(port: u16, running: &[u16]) -> Result<(), String> {
         let info = redis_cli(port, &["CLUSTER", "INFO"]).await?;
         let state = info_field(&info, "cluster_state");
@@ -1078,6 +1353,7 @@ impl RedisServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::faults::Fault;
 
     #[tokio::test]
     async fn server_stops_like_a_crash_and_restarts_on_the_same_port() {
@@ -1205,5 +1481,320 @@ mod tests {
             .expect("INFO");
         assert_eq!(info_field(&role, "role"), Some("slave"));
         assert!(cluster.key_slot("probe").await < CLUSTER_SLOTS);
+    }
+
+    #[tokio::test]
+    async fn a_persistent_server_keeps_acknowledged_writes_across_a_crash() {
+        let mut server = RedisServer::start_persistent().await;
+        let port = server.port();
+        redis_cli(port, &["SET", "k", "v"]).await.expect("SET");
+        for _ in 0..100 {
+            redis_cli(port, &["INCR", "n"]).await.expect("INCR");
+        }
+        server.stop().await;
+        server.restart().await;
+        assert_eq!(redis_cli(port, &["GET", "k"]).await.as_deref(), Ok("v\n"));
+        assert_eq!(redis_cli(port, &["GET", "n"]).await.as_deref(), Ok("100\n"));
+    }
+
+    /// Whether the server closes `stream` within `within` (what it sends first is skipped).
+    async fn closed_within(stream: &tokio::net::TcpStream, within: Duration) -> bool {
+        let closed = async {
+            loop {
+                if stream.readable().await.is_err() {
+                    return;
+                }
+                let mut chunk = [0_u8; 256];
+                match stream.try_read(&mut chunk) {
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(within, closed).await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn kill_pubsub_clients_disconnects_subscribers_only() {
+        let server = RedisServer::start().await;
+        let port = server.port();
+        let connect = || tokio::net::TcpStream::connect(("127.0.0.1", port));
+        let subscriber = connect().await.expect("connect");
+        let plain = connect().await.expect("connect");
+        subscriber.writable().await.expect("writable");
+        subscriber
+            .try_write(b"SUBSCRIBE ch\r\n")
+            .expect("a fresh connection takes a short write");
+        wait_until("the subscription", Duration::from_secs(2), || async {
+            let list = redis_cli(port, &["CLIENT", "LIST", "TYPE", "pubsub"]).await?;
+            match list.lines().count() {
+                1 => Ok(()),
+                _ => Err(list),
+            }
+        })
+        .await;
+
+        assert_eq!(kill_pubsub_clients(port).await, 1);
+        assert!(closed_within(&subscriber, Duration::from_secs(2)).await);
+        assert!(!closed_within(&plain, Duration::from_millis(100)).await);
+        assert_eq!(kill_pubsub_clients(port).await, 0);
+    }
+
+    #[tokio::test]
+    async fn proxied_sentinels_fail_over_to_the_replica_behind_its_proxy() {
+        let mut set = SentinelSet::start_proxied().await;
+        let (master_proxy, replica_proxy) = (set.master_proxy().port(), set.replica_proxy().port());
+        assert_eq!(set.master_proxy().upstream(), set.master().port());
+        assert_eq!(set.replica_proxy().upstream(), set.replica().port());
+        for sentinel in set.sentinel_ports() {
+            assert_eq!(
+                SentinelSet::reported_master(sentinel).await,
+                Ok(master_proxy)
+            );
+        }
+        redis_cli(master_proxy, &["SET", "k", "v"])
+            .await
+            .expect("SET through the proxy");
+        // Replicated before the crash, so the promoted replica must have it.
+        redis_cli(master_proxy, &["WAIT", "1", "2000"])
+            .await
+            .expect("WAIT");
+        // The replica and each of the three sentinels connect through the proxy.
+        let proxied = set.master_proxy().connections();
+        assert!(proxied >= 4, "{proxied} connections through the proxy");
+        let info = redis_cli(set.master().port(), &["INFO", "replication"])
+            .await
+            .expect("INFO");
+        // The replica is listed (and so found by the sentinels) at its proxy's port.
+        let listed = info_field(&info, "slave0").unwrap_or_default();
+        assert!(
+            listed.starts_with(&format!("ip=127.0.0.1,port={replica_proxy},")),
+            "{listed}"
+        );
+
+        let replica = set.replica().port();
+        set.master().stop().await;
+        let killed = Instant::now();
+        let new_master = set.wait_for_failover(Duration::from_secs(15)).await;
+        eprintln!("proxied sentinel failover took {:?}", killed.elapsed());
+        assert_eq!(new_master, replica);
+        for sentinel in set.sentinel_ports() {
+            assert_eq!(
+                SentinelSet::reported_master(sentinel).await,
+                Ok(replica_proxy)
+            );
+        }
+        assert_eq!(
+            set.server_on(replica_proxy).map(|server| server.port()),
+            Some(replica)
+        );
+        // The write replicated before the crash is there, read through the new master's proxy.
+        assert_eq!(
+            redis_cli(replica_proxy, &["GET", "k"]).await.as_deref(),
+            Ok("v\n")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_blackholed_master_is_failed_over_and_steps_down_when_the_link_heals() {
+        let mut set = SentinelSet::start_proxied().await;
+        let (old, new) = (set.master().port(), set.replica().port());
+        set.master_proxy().set(Fault::Blackhole);
+        let partitioned = Instant::now();
+        assert_eq!(set.wait_for_failover(Duration::from_secs(15)).await, new);
+        eprintln!(
+            "failover away from a blackholed master took {:?}",
+            partitioned.elapsed()
+        );
+        // Cut off from its replica, the old master soon refuses writes rather than lose them
+        // (once the replica's last acknowledgement is more than 2 s old).
+        wait_until(
+            "the old master to refuse writes",
+            Duration::from_secs(5),
+            || async {
+                match redis_cli(old, &["SET", "k", "lost"]).await {
+                    Err(refused) if refused.contains("NOREPLICAS") => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
+        .await;
+        assert_eq!(
+            info_field(
+                &redis_cli(old, &["INFO", "replication"])
+                    .await
+                    .expect("INFO"),
+                "role"
+            ),
+            Some("master")
+        );
+        // So does the new master, until it has a replica again.
+        let refused = redis_cli(new, &["SET", "k", "v"]).await.unwrap_err();
+        assert!(refused.contains("NOREPLICAS"), "{refused}");
+
+        set.master_proxy().set(Fault::None);
+        let healed = Instant::now();
+        let replica_proxy = set.replica_proxy().port();
+        wait_until(
+            "the old master to follow the new one",
+            Duration::from_secs(20),
+            || async {
+                let info = redis_cli(old, &["INFO", "replication"]).await?;
+                match (info_field(&info, "role"), info_field(&info, "master_port")) {
+                    (Some("slave"), Some(port)) if port == replica_proxy.to_string() => Ok(()),
+                    (role, port) => Err(format!("role {role:?}, master port {port:?}")),
+                }
+            },
+        )
+        .await;
+        eprintln!(
+            "the old master stepped down {:?} after the link healed",
+            healed.elapsed()
+        );
+        let master_proxy = set.master_proxy().port();
+        let refused = redis_cli(master_proxy, &["SET", "k", "stale"])
+            .await
+            .unwrap_err();
+        assert!(refused.contains("READONLY"), "{refused}");
+        // With its replica back, the new master takes writes again.
+        wait_until(
+            "a write to the new master",
+            Duration::from_secs(10),
+            || async { redis_cli(replica_proxy, &["SET", "k", "v"]).await },
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_persistent_proxied_set_keeps_writes_when_both_servers_crash() {
+        let mut set = SentinelSet::start_proxied_persistent().await;
+        let master_proxy = set.master_proxy().port();
+        redis_cli(master_proxy, &["SET", "k", "v"])
+            .await
+            .expect("SET");
+        set.replica().stop().await;
+        set.master().stop().await;
+        set.master().restart().await;
+        set.replica().restart().await;
+        let master = set.master().port();
+        assert_eq!(redis_cli(master, &["GET", "k"]).await.as_deref(), Ok("v\n"));
+    }
+
+    #[tokio::test]
+    async fn proxied_cluster_announces_its_proxies_and_recovers_when_a_master_is_killed() {
+        let mut cluster = RedisCluster::start_proxied().await;
+        let proxies: Vec<u16> = cluster.proxies().iter().map(FaultProxy::port).collect();
+        assert_eq!(
+            cluster.urls(),
+            proxies
+                .iter()
+                .map(|port| format!("redis://127.0.0.1:{port}"))
+                .collect::<Vec<_>>()
+        );
+        let mut announced: Vec<u16> = cluster_nodes(cluster.ports()[0])
+            .await
+            .expect("CLUSTER NODES")
+            .iter()
+            .map(|node| node.port)
+            .collect();
+        announced.sort_unstable();
+        let mut expected = proxies.clone();
+        expected.sort_unstable();
+        assert_eq!(announced, expected, "CLUSTER NODES lists the proxies");
+        let slots = redis_cli(cluster.ports()[0], &["CLUSTER", "SLOTS"])
+            .await
+            .expect("SLOTS");
+        for node in cluster.ports() {
+            assert!(
+                !slots.lines().any(|line| line.trim() == node.to_string()),
+                "{slots}"
+            );
+        }
+
+        let old_proxy = cluster.proxy_for_key("probe").await.port();
+        redis_cli(old_proxy, &["SET", "probe", "v"])
+            .await
+            .expect("SET through the proxy");
+        redis_cli(
+            cluster.master_port_for_key("probe").await,
+            &["WAIT", "1", "2000"],
+        )
+        .await
+        .expect("WAIT");
+        let old = cluster.master_port_for_key("probe").await;
+        cluster.master_for_key("probe").await.stop().await;
+        let killed = Instant::now();
+        cluster.wait_until_ok(Duration::from_secs(20)).await;
+        eprintln!("proxied cluster failover took {:?}", killed.elapsed());
+        let new_proxy = cluster.proxy_for_key("probe").await.port();
+        assert_ne!(new_proxy, old_proxy, "{}", cluster.describe().await);
+        assert_eq!(
+            redis_cli(new_proxy, &["GET", "probe"]).await.as_deref(),
+            Ok("v\n")
+        );
+        redis_cli(new_proxy, &["SET", "probe", "w"])
+            .await
+            .expect("SET through the new proxy");
+
+        let node = cluster
+            .nodes()
+            .iter_mut()
+            .find(|n| n.port() == old)
+            .expect("a node");
+        node.restart().await;
+        cluster.wait_until_ok(Duration::from_secs(20)).await;
+        let role = redis_cli(old, &["INFO", "replication"])
+            .await
+            .expect("INFO");
+        assert_eq!(info_field(&role, "role"), Some("slave"));
+        assert_eq!(
+            info_field(&role, "master_port"),
+            Some(new_proxy.to_string().as_str()),
+            "the old master replicates through the new master's proxy"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_persistent_proxied_cluster_keeps_writes_when_a_whole_shard_crashes() {
+        let mut cluster = RedisCluster::start_proxied_persistent().await;
+        let proxy = cluster.proxy_for_key("probe").await.port();
+        redis_cli(proxy, &["SET", "probe", "v"]).await.expect("SET");
+        let master = cluster.master_port_for_key("probe").await;
+        let master_announced = cluster.proxy_for_key("probe").await.port();
+        let nodes = cluster_nodes(master).await.expect("CLUSTER NODES");
+        let master_id = &nodes
+            .iter()
+            .find(|node| node.port == master_announced)
+            .expect("the master's line")
+            .id;
+        let replica_announced = nodes
+            .iter()
+            .find(|node| &node.master_id == master_id)
+            .expect("the master's replica")
+            .port;
+        let shard: Vec<usize> = [master_announced, replica_announced]
+            .iter()
+            .map(|&announced| {
+                cluster
+                    .nodes()
+                    .iter()
+                    .position(|node| node.announced_port() == announced)
+                    .expect("one of ours")
+            })
+            .collect();
+
+        for &index in &shard {
+            cluster.nodes()[index].stop().await;
+        }
+        for &index in &shard {
+            cluster.nodes()[index].restart().await;
+        }
+        cluster.wait_until_ok(Duration::from_secs(20)).await;
+        let proxy = cluster.proxy_for_key("probe").await.port();
+        assert_eq!(
+            redis_cli(proxy, &["GET", "probe"]).await.as_deref(),
+            Ok("v\n")
+        );
     }
 }
