@@ -537,3 +537,56 @@ async fn the_futures_of_a_command_stay_small() {
         size_of_val(&execute)
     );
 }
+
+/// Finding 2 of the safety review: leader `a` holds a 30 s term; two of three servers hang; `a`'s
+/// Extend with a 2 s term fails — and must not shorten anything. Before, the failure path released
+/// the renewal that reached the one live server, and the hung servers applied the 2 s renewal when
+/// they resumed: 2 s later `b` was elected while `a` still counted on its 30 s term.
+#[tokio::test]
+async fn a_failed_extend_leaves_the_previous_term_standing() {
+    let mut servers = start_many(3).await;
+    let (store, _) = single(&servers);
+    let election = key("failed-extend");
+    let long = Term::from_millis(30_000);
+    let first = leading_token(
+        &store,
+        &election,
+        Command::Campaign {
+            candidate: name("a"),
+            term: long,
+        },
+    )
+    .await;
+
+    servers[1].pause().await;
+    servers[2].pause().await;
+    let extend = Command::Extend {
+        leader: name("a"),
+        term: Term::from_millis(2_000),
+    };
+    let failed = store.execute(&election, extend).await;
+    assert!(
+        matches!(failed, Err(StoreError::Unavailable(_))),
+        "{failed:?}"
+    );
+    servers[1].resume().await;
+    servers[2].resume().await;
+
+    // Past the 2 s the failed extend asked for: `a`'s 30 s term must still stand.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let contender = loop {
+        match store.execute(&election, campaign("b")).await {
+            Ok(outcome) => break outcome,
+            Err(err) => assert!(Instant::now() < deadline, "store did not recover: {err}"),
+        }
+    };
+    assert_eq!(
+        contender,
+        Outcome::Following {
+            leader: name("a"),
+            token: first
+        },
+        "nobody else may be elected while the leader's previous term runs"
+    );
+}
