@@ -96,7 +96,9 @@ settings! {
     "EA_REDIS_OPERATION_TIMEOUT" ["EA_REDIS_OPEARATION_TIMEOUT"] => "redis.operation_timeout" = "3s",
         "how long a store operation may take before the request fails with FAILED_PRECONDITION";
     "EA_REDIS_SERVER_TIMEOUT" => "redis.server_timeout" = "100ms",
-        "Redlock: how long to wait for one server before deciding without it (at most a tenth of the command's term, at most EA_REDIS_OPERATION_TIMEOUT)";
+        "how long to wait for one server: Redlock decides without it after this (at most a tenth of the command's term); failover/cluster: for a replica to acknowledge a write";
+    "EA_REDIS_REPLICA_ACKS" => "redis.replica_acks" = "1",
+        "failover/cluster: replicas that must acknowledge a write before it is reported (WAIT), so a failover cannot lose it; 0: none";
     "EA_LEASE_MIN_TERM" => "lease.min_term" = "1s",
         "shortest term a request may ask for";
     "EA_LEASE_MAX_TERM" => "lease.max_term" = "1d",
@@ -104,6 +106,9 @@ settings! {
     "EA_SHUTDOWN_TIMEOUT" => "shutdown_timeout" = "8s",
         "how long SIGTERM waits for in-flight requests before exiting";
 }
+
+/// Most replicas `EA_REDIS_REPLICA_ACKS` may require.
+const MAX_REPLICA_ACKS: usize = 16;
 
 /// The README's configuration table, generated from [`SETTINGS`].
 pub fn markdown_table() -> String {
@@ -237,8 +242,11 @@ pub struct StoreConfig {
     pub master: String,
     /// Per-operation timeout.
     pub operation_timeout: Duration,
-    /// Redlock: how long to wait for one server's answer before deciding without it.
+    /// Redlock: how long to wait for one server's answer before deciding without it;
+    /// failover/cluster: for a replica to acknowledge a write.
     pub server_timeout: Duration,
+    /// Failover/cluster: replicas that must acknowledge a write before it is reported.
+    pub replica_acks: usize,
     /// Key prefix.
     pub key_prefix: String,
 }
@@ -543,6 +551,12 @@ impl Values {
         }
         let operation_timeout = self.get("EA_REDIS_OPERATION_TIMEOUT", positive_duration)?;
         let server_timeout = self.get("EA_REDIS_SERVER_TIMEOUT", positive_duration)?;
+        let replica_acks = self.get("EA_REDIS_REPLICA_ACKS", |v| {
+            v.parse::<usize>()
+                .ok()
+                .filter(|n| *n <= MAX_REPLICA_ACKS)
+                .ok_or_else(|| format!("expected a number of replicas 0..={MAX_REPLICA_ACKS}"))
+        })?;
         if server_timeout > operation_timeout {
             return Err(self.conflict(
                 "EA_REDIS_SERVER_TIMEOUT",
@@ -585,6 +599,7 @@ impl Values {
                 master,
                 operation_timeout,
                 server_timeout,
+                replica_acks,
                 key_prefix,
             },
             terms: TermBounds { min, max },
@@ -704,6 +719,7 @@ mod tests {
         assert_eq!(config.store.key_prefix, "ela");
         assert_eq!(config.store.operation_timeout, Duration::from_secs(3));
         assert_eq!(config.store.server_timeout, Duration::from_millis(100));
+        assert_eq!(config.store.replica_acks, 1);
         assert_eq!(config.terms, TermBounds::default());
         assert_eq!(config.environment, Environment::Production);
         assert!(config.request_duration_buckets.contains(&0.25));
@@ -772,6 +788,7 @@ mod tests {
                 "EA_REDIS_OPERATION_TIMEOUT",
             ),
             ("EA_REDIS_SERVER_TIMEOUT", "0ms", "longer than zero"),
+            ("EA_REDIS_REPLICA_ACKS", "many", "number of replicas"),
         ];
         for (key, value, allowed) in cases {
             let err = Sources::default()

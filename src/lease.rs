@@ -173,8 +173,10 @@ impl TermBounds {
 pub struct FencingToken(pub u64);
 
 impl FencingToken {
-    fn next(self) -> Self {
-        Self(self.0 + 1)
+    /// The token of the lease after one with this token: the next number, or `floor` if that is
+    /// higher.
+    fn next(self, floor: FencingToken) -> Self {
+        Self(self.0.saturating_add(1).max(floor.0))
     }
 }
 
@@ -418,7 +420,13 @@ impl Decision {
 }
 
 /// Decides what `command` does to an election whose stored state is `record`, at instant `now`.
-pub fn decide(record: &LeaseRecord, command: &Command, now: u64) -> Decision {
+///
+/// A new lease's token is the record's last one plus one, or `floor` if that is higher. A store
+/// whose records can be lost or removed (a failover that loses a write, records of ended leases
+/// removed after a while) passes a clock as `floor` — the Redis stores the server's clock in
+/// milliseconds — so that tokens issued later are higher than any issued before, whatever record
+/// they came from. A store that keeps every record passes 0.
+pub fn decide(record: &LeaseRecord, command: &Command, now: u64, floor: FencingToken) -> Decision {
     let live = record.live(now);
     match command {
         Command::Campaign { candidate, term } => match live {
@@ -427,7 +435,7 @@ pub fn decide(record: &LeaseRecord, command: &Command, now: u64) -> Decision {
                 leader: lease.holder.clone(),
                 token: record.token,
             }),
-            None => elect(record, candidate, *term, now),
+            None => elect(record, candidate, *term, now, floor),
         },
         Command::Extend { leader, term } => match (live, &record.lease) {
             (Some(lease), _) if lease.holder == *leader => renew(record, leader, *term, now),
@@ -435,7 +443,9 @@ pub fn decide(record: &LeaseRecord, command: &Command, now: u64) -> Decision {
                 holder: Some(lease.holder.clone()),
             }),
             // Its own lease ran out and nobody took it: the leader gets it back, as a new lease.
-            (None, Some(expired)) if expired.holder == *leader => elect(record, leader, *term, now),
+            (None, Some(expired)) if expired.holder == *leader => {
+                elect(record, leader, *term, now, floor)
+            }
             (None, _) => Decision::unchanged(Outcome::NotHolder { holder: None }),
         },
         Command::Resign { leader } => match live {
@@ -468,7 +478,7 @@ pub fn decide(record: &LeaseRecord, command: &Command, now: u64) -> Decision {
         },
         // To the live holder itself, a handover is a renewal with a new token.
         Command::Handover { leader, term } => {
-            let token = record.token.next();
+            let token = record.token.next(floor);
             Decision::changed(
                 Outcome::HandedOver { token },
                 record.extended(leader, token, *term, now),
@@ -488,8 +498,14 @@ fn renew(record: &LeaseRecord, holder: &Name, term: Term, now: u64) -> Decision 
     )
 }
 
-fn elect(record: &LeaseRecord, holder: &Name, term: Term, now: u64) -> Decision {
-    let token = record.token.next();
+fn elect(
+    record: &LeaseRecord,
+    holder: &Name,
+    term: Term,
+    now: u64,
+    floor: FencingToken,
+) -> Decision {
+    let token = record.token.next(floor);
     Decision::changed(
         Outcome::Leading { token },
         record.granted(holder, token, term, now),
@@ -550,7 +566,7 @@ mod tests {
     /// the order of [`states`].
     fn check(command: Command, expected: [(Outcome, Option<LeaseRecord>, Option<ChangeCause>); 6]) {
         for ((state, before), (outcome, next, change)) in states().into_iter().zip(expected) {
-            let decision = decide(&before, &command, NOW);
+            let decision = decide(&before, &command, NOW, FencingToken(0));
             assert_eq!(
                 decision,
                 Decision {
@@ -667,7 +683,7 @@ mod tests {
                 term: TERM,
             },
         ] {
-            let decision = decide(&long, &command, NOW);
+            let decision = decide(&long, &command, NOW, FencingToken(0));
             assert_eq!(decision.outcome, leading(7), "{command:?}");
             assert_eq!(
                 decision.next,
@@ -682,6 +698,7 @@ mod tests {
                 term: TERM,
             },
             NOW,
+            FencingToken(0),
         );
         assert_eq!(
             to_self.next,
@@ -695,6 +712,7 @@ mod tests {
                 term: TERM,
             },
             NOW,
+            FencingToken(0),
         );
         assert_eq!(
             to_other.next,
@@ -710,8 +728,33 @@ mod tests {
                 term: TERM,
             },
             NOW,
+            FencingToken(0),
         );
         assert_eq!(decision.next, granted(7, "a"));
+    }
+
+    #[test]
+    fn a_new_lease_takes_the_floor_when_it_is_above_the_next_token() {
+        let campaign = Command::Campaign {
+            candidate: name("a"),
+            term: TERM,
+        };
+        let resigned = record(7, None);
+        let at = |floor| decide(&resigned, &campaign, NOW, FencingToken(floor)).outcome;
+        assert_eq!(at(0), leading(8), "no floor: the next number");
+        assert_eq!(at(8), leading(8));
+        assert_eq!(
+            at(1_700_000),
+            leading(1_700_000),
+            "a clock above the record"
+        );
+        let renewal = decide(
+            &record(7, Some(("a", NOW + 1))),
+            &campaign,
+            NOW,
+            FencingToken(1_700_000),
+        );
+        assert_eq!(renewal.outcome, leading(7), "a renewal keeps its token");
     }
 
     #[test]
@@ -765,7 +808,7 @@ mod tests {
                 },
             };
             now += step * 11 % 17;
-            let decision = decide(&state, &command, now);
+            let decision = decide(&state, &command, now, FencingToken(0));
             if let Some(next) = decision.next {
                 assert!(next.token >= state.token, "token went down at step {step}");
                 state = next;

@@ -9,7 +9,8 @@ use tokio::sync::broadcast;
 
 use super::{LeaseChange, LeaseStore, StoreError, StoreEvent};
 use crate::lease::{
-    ChangeCause, Command, ElectionKey, LeaderInfo, Leadership, LeaseRecord, Name, Outcome, decide,
+    ChangeCause, Command, ElectionKey, FencingToken, LeaderInfo, Leadership, LeaseRecord, Name,
+    Outcome, decide,
 };
 
 /// How many changes an observer may fall behind before it resynchronises from the store.
@@ -65,7 +66,9 @@ impl LeaseStore for MemoryStore {
             .or_default()
             .entry(election.election.clone())
             .or_default();
-        let decision = decide(record, &command, now);
+        // Records are never lost or removed here, so the next number is always above every
+        // token issued: no clock is needed as a floor.
+        let decision = decide(record, &command, now, FencingToken(0));
         if let Some(next) = decision.next {
             let previous = std::mem::replace(record, next);
             if let Some(cause) = decision.change {

@@ -434,8 +434,20 @@ impl RedisServer {
     /// arguments (killing it first if it still runs), and waits until it answers PING.
     ///
     /// A standalone server comes back empty, unless it was started persistent; a cluster node
-    /// keeps its identity (`nodes.conf`); a sentinel keeps the configuration it rewrote.
+    /// keeps its identity (`nodes.conf`); a sentinel keeps the configuration it rewrote. A
+    /// standalone server that still runs keeps the role it has now, as Sentinel's rewrite of its
+    /// configuration would: a replica that was promoted comes back a master, not a replica of
+    /// its old master.
     pub(crate) async fn restart(&mut self) {
+        if let (Kind::Standalone { .. }, true) = (&self.kind, self.is_running())
+            && let Ok(info) = redis_cli(self.port, &["INFO", "replication"]).await
+        {
+            let replica_of = match info_field(&info, "role") {
+                Some("slave") => info_field(&info, "master_port").and_then(|p| p.parse().ok()),
+                _ => None,
+            };
+            self.kind = Kind::Standalone { replica_of };
+        }
         self.stop().await;
         match self.launch(false).await {
             Ok(()) => {}

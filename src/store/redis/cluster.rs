@@ -6,12 +6,14 @@
 //! routing is simple: the slot map comes from `CLUSTER SLOTS`, which lists only nodes that serve
 //! slots, and is read again after MOVED, ASK or a connection failure.
 
-use std::{collections::HashMap, sync::RwLock};
+use std::{collections::HashMap, sync::RwLock, time::Duration};
 
 use rustis::{
     client::{Client, Config, ServerConfig},
     resp::{Value, cmd},
 };
+
+use super::node::Connection;
 
 /// A node address.
 pub(crate) type Address = (String, u16);
@@ -25,6 +27,8 @@ const SLOTS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500)
 pub(crate) struct ClusterRouter {
     seeds: Vec<Address>,
     template: Config,
+    /// Replica acknowledgements each master's writes need (see `Connection`).
+    durability: Option<(usize, Duration)>,
     routing: RwLock<Routing>,
     refreshing: tokio::sync::Mutex<()>,
 }
@@ -33,16 +37,21 @@ pub(crate) struct ClusterRouter {
 struct Routing {
     /// `(first slot, last slot, master)`, sorted.
     ranges: Vec<(u16, u16, Address)>,
-    clients: HashMap<Address, Client>,
+    clients: HashMap<Address, Connection>,
 }
 
 impl ClusterRouter {
     /// A router that discovers the cluster from `seeds`, connecting with `template`'s
-    /// credentials and timeouts.
-    pub(crate) fn new(seeds: Vec<Address>, template: Config) -> Self {
+    /// credentials and timeouts; writes need `durability` replica acknowledgements.
+    pub(crate) fn new(
+        seeds: Vec<Address>,
+        template: Config,
+        durability: Option<(usize, Duration)>,
+    ) -> Self {
         Self {
             seeds,
             template,
+            durability,
             routing: RwLock::default(),
             refreshing: tokio::sync::Mutex::new(()),
         }
@@ -55,7 +64,7 @@ impl ClusterRouter {
     }
 
     /// The master serving `key`, or any master without a key.
-    pub(crate) async fn client(&self, key: Option<&str>) -> Result<Client, String> {
+    pub(crate) async fn client(&self, key: Option<&str>) -> Result<Connection, String> {
         if let Some(client) = self.lookup(key) {
             return Ok(client);
         }
@@ -65,7 +74,7 @@ impl ClusterRouter {
             .ok_or_else(|| "no master serves the slot".to_owned())
     }
 
-    fn lookup(&self, key: Option<&str>) -> Option<Client> {
+    fn lookup(&self, key: Option<&str>) -> Option<Connection> {
         let routing = self.routing();
         let address = match key {
             Some(key) => {
@@ -83,7 +92,7 @@ impl ClusterRouter {
 
     /// A client for some master, if one is connected now (no slot map is read).
     pub(crate) fn connected(&self) -> Option<Client> {
-        self.lookup(None)
+        self.lookup(None).map(|connection| connection.client)
     }
 
     /// A new client (a connection of its own) to a master of the current slot map.
@@ -109,7 +118,12 @@ impl ClusterRouter {
         if self.routing().ranges.is_empty() {
             Box::pin(self.refresh()).await?;
         }
-        Ok(self.routing().clients.values().cloned().collect())
+        Ok(self
+            .routing()
+            .clients
+            .values()
+            .map(|connection| connection.client.clone())
+            .collect())
     }
 
     /// Forgets the slot map, so the next command reads it again.
@@ -162,11 +176,11 @@ impl ClusterRouter {
                     continue;
                 }
                 let existing = self.routing().clients.get(master).cloned();
-                let client = match existing {
-                    Some(client) if !client.is_terminated() => client,
-                    _ => self.connect(master).await?,
+                let connection = match existing {
+                    Some(connection) if !connection.client.is_terminated() => connection,
+                    _ => Connection::new(self.connect(master).await?, self.durability),
                 };
-                clients.insert(master.clone(), client);
+                clients.insert(master.clone(), connection);
             }
             *self
                 .routing

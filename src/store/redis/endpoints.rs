@@ -133,6 +133,7 @@ mod tests {
             master: master.to_owned(),
             operation_timeout: Duration::from_secs(1),
             server_timeout: Duration::from_millis(100),
+            replica_acks: 1,
             key_prefix: "test".to_owned(),
         }
     }

@@ -6,7 +6,8 @@
 -- KEYS[1]  the election's record, a hash:
 --            h  the holder (absent when nobody holds a lease);
 --            t  the fencing token of the current or last lease (kept after resign and expiry,
---               so it keeps increasing);
+--               so it keeps increasing); a new lease gets t + 1, or this server's clock in ms if
+--               that is higher, so tokens also rise over any record lost in a failover (or removed);
 --            e  the expiry, in ms on this server's clock;
 --            i  the id of the last command that changed the record;
 --            o  what that command did: 1 renewed, 3 resigned a live lease, 4 handed over to a
@@ -30,6 +31,7 @@ local expires = tonumber(record[3]) or 0
 local live = holder ~= nil and now < expires
 
 local command, who, term, id = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local next_token = math.max(token + 1, now)
 
 if record[4] == id then
   -- This very command already ran here: answer what it did, do nothing again.
@@ -61,7 +63,7 @@ if command == 'campaign' then
   elseif live then
     return {2, holder, token, expires - now}
   end
-  return grant(6, token + 1, now + term, 6)
+  return grant(6, next_token, now + term, 6)
 elseif command == 'extend' then
   if live and holder == who then
     return grant(1, token, renewal(), 1)
@@ -69,7 +71,7 @@ elseif command == 'extend' then
     return {5, holder, token, expires - now}
   elseif holder == who then
     -- Its own lease ran out and nobody took it: the leader gets it back, as a new lease.
-    return grant(6, token + 1, now + term, 6)
+    return grant(6, next_token, now + term, 6)
   end
   return {5, '', token, 0}
 elseif command == 'resign' then
@@ -89,8 +91,8 @@ elseif command == 'resign' then
 elseif command == 'handover' then
   if live and holder == who then
     -- To the live holder itself: a renewal with a new token.
-    return grant(4, token + 1, renewal(), 9)
+    return grant(4, next_token, renewal(), 9)
   end
-  return grant(4, token + 1, now + term, 4)
+  return grant(4, next_token, now + term, 4)
 end
 return redis.error_reply('unknown lease command ' .. tostring(command))

@@ -23,6 +23,7 @@ mod endpoints;
 mod fanout;
 mod node;
 pub(crate) mod quorum;
+mod replicas;
 
 use std::{
     collections::BTreeSet,
@@ -90,7 +91,10 @@ impl RedisStore {
     pub fn new(config: &StoreConfig, disconnected: IntGauge) -> Result<Self, EndpointError> {
         let nodes: Vec<Node> = endpoints::endpoints(config)?
             .into_iter()
-            .map(|(label, endpoint)| Node::new(label, endpoint, config.operation_timeout))
+            .map(|(label, endpoint)| {
+                let durability = (config.replica_acks, config.server_timeout);
+                Node::new(label, endpoint, config.operation_timeout, durability)
+            })
             .collect();
         let shared = Arc::new(Shared {
             server_timeout: config.server_timeout.min(config.operation_timeout),
@@ -146,7 +150,7 @@ impl Shared {
         join_all(
             servers
                 .iter()
-                .map(|&i| self.nodes[i].eval::<u64>(script, key, args.to_vec())),
+                .map(|&i| self.nodes[i].write(script, key, args.to_vec(), |_: &u64| true)),
         )
         .await;
     }
@@ -156,7 +160,7 @@ impl Shared {
     async fn raise(&self, servers: &[usize], key: &str, id: &str, token: FencingToken) -> usize {
         let target = token.0.to_string();
         let raised = join_all(servers.iter().map(|&i| {
-            let call = self.nodes[i].eval::<u64>(&RAISE, key, [id, target.as_str()]);
+            let call = self.nodes[i].write(&RAISE, key, [id, target.as_str()], |_: &u64| true);
             tokio::time::timeout(self.server_timeout, call)
         }))
         .await;
@@ -248,10 +252,11 @@ impl LeaseStore for RedisStore {
                 async move {
                     let a = &*args;
                     let reply = shared.nodes[i]
-                        .eval::<(u8, String, u64, u64)>(
+                        .write(
                             &LEASE,
                             &key,
                             [a.operation, a.who.as_str(), &a.term_ms, &a.id],
+                            |(code, ..): &(u8, String, u64, u64)| quorum::may_have_written(*code),
                         )
                         .await
                         .map(|(code, leader, token, ttl_ms)| Reply {
@@ -483,3 +488,5 @@ async fn monitor(shared: Arc<Shared>, disconnected: IntGauge) {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod under_faults;

@@ -11,7 +11,7 @@
 //! `CLIENT KILL TYPE pubsub`) costs no command in flight.
 
 use std::{
-    sync::{OnceLock, RwLock},
+    sync::{Arc, OnceLock, RwLock},
     time::{Duration, Instant},
 };
 
@@ -21,7 +21,7 @@ use rustis::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::cluster::ClusterRouter;
+use super::{cluster::ClusterRouter, replicas::ReplicaAcks};
 use crate::store::StoreError;
 
 /// A Lua script, identified on the servers by its SHA1 once loaded.
@@ -55,10 +55,31 @@ pub(crate) static RAISE: Script = Script::new("raise.lua", include_str!("raise.l
 /// `release.lua`: undoes a partial grant (Redlock).
 pub(crate) static RELEASE: Script = Script::new("release.lua", include_str!("release.lua"));
 
+/// A client, and where writes must be acknowledged by replicas its group commit.
+#[derive(Clone)]
+pub(crate) struct Connection {
+    /// The multiplexed client.
+    pub(crate) client: Client,
+    /// Group commit of its writes (Sentinel, Cluster).
+    pub(crate) acks: Option<Arc<ReplicaAcks>>,
+}
+
+impl Connection {
+    /// `client`, with a group commit when `durability` asks for replica acknowledgements.
+    pub(crate) fn new(client: Client, durability: Option<(usize, Duration)>) -> Self {
+        let acks =
+            durability.map(|(replicas, wait)| ReplicaAcks::new(client.clone(), replicas, wait));
+        Self { client, acks }
+    }
+}
+
 /// One Redis endpoint; see the module documentation.
 pub(crate) struct Node {
     label: String,
     timeout: Duration,
+    /// How many replicas must acknowledge a write before it is reported, and how long to wait
+    /// for them (Sentinel, Cluster); `None` for a standalone server.
+    durability: Option<(usize, Duration)>,
     backend: Backend,
 }
 
@@ -66,7 +87,7 @@ enum Backend {
     /// A standalone server, or the master a Sentinel set names: one client.
     Direct {
         config: Config,
-        client: RwLock<Option<(Client, Instant)>>,
+        client: RwLock<Option<(Connection, Instant)>>,
         connecting: tokio::sync::Mutex<()>,
     },
     /// A Redis Cluster: one client per master, routed by slot.
@@ -81,15 +102,30 @@ const REPLACE_FAILED_CLIENT_AFTER: Duration = Duration::from_secs(2);
 const RECONNECT_DELAY_MS: u32 = 200;
 
 impl Node {
-    /// An endpoint named `label` in messages (never containing credentials).
-    pub(crate) fn new(label: String, mut config: Config, timeout: Duration) -> Self {
+    /// An endpoint named `label` in messages (never containing credentials). A write is reported
+    /// only once `replicas` replicas acknowledged it (waiting `wait` at most), if that is > 0 and
+    /// the endpoint is a Sentinel master or a Cluster.
+    pub(crate) fn new(
+        label: String,
+        mut config: Config,
+        timeout: Duration,
+        (replicas, wait): (usize, Duration),
+    ) -> Self {
         config.connect_timeout = timeout;
         config.connection_name = "election-agent".into();
         config.reconnection = ReconnectionConfig::new_constant(0, RECONNECT_DELAY_MS);
-        let backend = match &config.server {
-            ServerConfig::Cluster(cluster) => {
-                Backend::Cluster(ClusterRouter::new(cluster.nodes.clone(), config.clone()))
+        let durability = match &config.server {
+            ServerConfig::Sentinel(_) | ServerConfig::Cluster(_) if replicas > 0 => {
+                Some((replicas, wait))
             }
+            _ => None,
+        };
+        let backend = match &config.server {
+            ServerConfig::Cluster(cluster) => Backend::Cluster(ClusterRouter::new(
+                cluster.nodes.clone(),
+                config.clone(),
+                durability,
+            )),
             _ => Backend::Direct {
                 config,
                 client: RwLock::new(None),
@@ -99,6 +135,7 @@ impl Node {
         Self {
             label,
             timeout,
+            durability,
             backend,
         }
     }
@@ -114,6 +151,11 @@ impl Node {
 
     /// The client for `key` (any master of a Cluster without a key).
     async fn client(&self, key: Option<&str>) -> Result<Client, StoreError> {
+        Ok(self.connection(key).await?.client)
+    }
+
+    /// The connection for `key` (any master of a Cluster without a key).
+    async fn connection(&self, key: Option<&str>) -> Result<Connection, StoreError> {
         let (config, client, connecting) = match &self.backend {
             Backend::Cluster(router) => {
                 return router
@@ -132,8 +174,8 @@ impl Node {
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .as_ref()
-                .filter(|(client, _)| !client.is_terminated())
-                .map(|(client, _)| client.clone())
+                .filter(|(connection, _)| !connection.client.is_terminated())
+                .map(|(connection, _)| connection.clone())
         };
         if let Some(client) = cached() {
             return Ok(client);
@@ -148,6 +190,7 @@ impl Node {
         let connected = Box::pin(Client::connect(config.clone()))
             .await
             .map_err(|err| self.error("cannot connect", err))?;
+        let connected = Connection::new(connected, self.durability);
         *client
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) =
@@ -191,20 +234,54 @@ impl Node {
         }
     }
 
-    /// Runs `script` on `key` with `args`. In a Cluster, a command refused because the slot moved
-    /// (or its master is gone) is routed again once, with a fresh slot map.
+    /// Runs `script`, which only reads, on `key` with `args`. In a Cluster, a command refused
+    /// because the slot moved (or its master is gone) is routed again once, with a fresh slot map.
     pub(crate) async fn eval<R: DeserializeOwned>(
         &self,
         script: &Script,
         key: &str,
         args: impl Serialize + Clone,
     ) -> Result<R, StoreError> {
+        self.call(script, key, args, |_: &R| false).await
+    }
+
+    /// Runs `script`, which may write, on `key` with `args`, as [`eval`](Self::eval) does — and
+    /// on a Sentinel master or a Cluster, when its reply says it `wrote`, reports it only once the
+    /// required replicas acknowledged it (see [`ReplicaAcks`]): an acknowledged write survives a
+    /// failover.
+    pub(crate) async fn write<R: DeserializeOwned>(
+        &self,
+        script: &Script,
+        key: &str,
+        args: impl Serialize + Clone,
+        wrote: impl Fn(&R) -> bool,
+    ) -> Result<R, StoreError> {
+        self.call(script, key, args, wrote).await
+    }
+
+    async fn call<R: DeserializeOwned>(
+        &self,
+        script: &Script,
+        key: &str,
+        args: impl Serialize + Clone,
+        wrote: impl Fn(&R) -> bool,
+    ) -> Result<R, StoreError> {
         self.bounded(async {
             let mut rerouted = false;
             loop {
-                let client = self.client(Some(key)).await?;
-                match run(&client, script, key, args.clone()).await {
-                    Ok(reply) => return Ok(reply),
+                let connection = self.connection(Some(key)).await?;
+                let reconnections = connection.acks.as_ref().map(|acks| acks.reconnections());
+                match run(&connection.client, script, key, args.clone()).await {
+                    Ok(reply) => {
+                        if let (Some(acks), Some(reconnections), true) =
+                            (&connection.acks, reconnections, wrote(&reply))
+                        {
+                            acks.after_write(reconnections)
+                                .await
+                                .map_err(|err| self.error(script.name, err))?;
+                        }
+                        return Ok(reply);
+                    }
                     Err(err) => match &self.backend {
                         Backend::Cluster(router) if !rerouted && is_rerouting(&err) => {
                             router.invalidate();
@@ -228,7 +305,7 @@ impl Node {
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .as_ref()
-                .map(|(client, _)| client.clone()),
+                .map(|(connection, _)| connection.client.clone()),
         };
         if let Some(client) = client.filter(|c| !c.is_terminated()) {
             // An error only means the connection is gone; nothing waits for the answer.

@@ -54,6 +54,12 @@ pub(crate) fn is_grant(code: u8) -> bool {
     matches!(code, code::RENEWED | code::ELECTED | code::HANDED_OVER)
 }
 
+/// Whether `lease.lua` may have changed the record when it answered `code` (a lost campaign or a
+/// refused extend or resign changes nothing).
+pub(crate) fn may_have_written(code: u8) -> bool {
+    !matches!(code, code::FOLLOWING | code::NOT_HOLDER)
+}
+
 /// Whether a grant may have created a new lease (which a failed command takes back).
 pub(crate) fn is_new_lease(code: u8) -> bool {
     matches!(code, code::ELECTED | code::HANDED_OVER)
