@@ -30,8 +30,11 @@ pub const MAX_RETRY_INTERVAL_MS: u64 = 1_000;
 /// announcement was lost without a trace (an agent that died between its write and its
 /// announcement). Streams of a led election read it when its term runs out.
 const IDLE_RECHECK: Duration = Duration::from_secs(10);
-/// How soon an Observe stream tries again when a read failed (the store is unavailable).
-const RECHECK_AFTER_FAILURE: Duration = Duration::from_secs(1);
+/// How soon an Observe stream tries again after a read failed (the store is unavailable): this,
+/// doubling after each further failure up to [`MAX_RECHECK_AFTER_FAILURE`].
+const RECHECK_AFTER_FAILURE: Duration = Duration::from_millis(100);
+/// The longest an Observe stream waits between reads while the store stays unavailable.
+const MAX_RECHECK_AFTER_FAILURE: Duration = Duration::from_secs(2);
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -446,6 +449,8 @@ struct Observer {
     current: Option<Tracked>,
     /// When to read the election again if nothing else happens.
     recheck: Instant,
+    /// Reads that failed in a row.
+    failures: u32,
 }
 
 impl Observer {
@@ -548,6 +553,7 @@ fn observe(
             seen: Version::default(),
             current: None,
             recheck: Instant::now(),
+            failures: 0,
         };
         yield observer.start(current);
         loop {
@@ -573,14 +579,19 @@ fn observe(
             if read_now {
                 match inner.store.leadership(&election).await {
                     Ok(now) => {
+                        observer.failures = 0;
                         if let Some(event) = observer.read(now) {
                             yield event;
                         }
                     }
-                    // The store is unavailable: keep the stream, look again soon.
+                    // The store is unavailable: keep the stream, look again soon, then less often.
                     Err(err) => {
                         tracing::debug!(%election, error = %err, "Observe cannot read the election");
-                        observer.recheck = Instant::now() + RECHECK_AFTER_FAILURE;
+                        let backoff = RECHECK_AFTER_FAILURE
+                            .saturating_mul(1 << observer.failures.min(5))
+                            .min(MAX_RECHECK_AFTER_FAILURE);
+                        observer.failures += 1;
+                        observer.recheck = Instant::now() + backoff;
                     }
                 }
             }

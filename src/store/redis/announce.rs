@@ -1,8 +1,11 @@
 //! Announcements of leadership changes across agent replicas.
 //!
-//! The agent that made a change tells its own observers at once and publishes it on
-//! `[prefix]/events` on every server; every agent subscribes on every server, so each hears it
-//! (N times with Redlock, and its own changes once more as an echo). Every change carries its
+//! Changes are published on `[prefix]/events`: with one server (single, Sentinel, Cluster) by
+//! `lease.lua` itself, in the same step as the change, so every agent hears the changes of an
+//! election in the order they were made; with Redlock, which has no such order, by the agent
+//! that decided the change, on every server, after telling its own observers. Every agent
+//! subscribes on every server, so each hears a change (N times with Redlock, and its own once
+//! more as an echo). Every change carries its
 //! [`Version`](crate::lease::Version): an agent passes on only a change newer than the last it
 //! passed on for that election — never an echo, a copy or a late message of an older state.
 //!

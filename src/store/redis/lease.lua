@@ -18,6 +18,10 @@
 -- ARGV[3]  term in milliseconds (ignored by resign)
 -- ARGV[4]  the command's id, unique per command: a command run again (after a Cluster redirect
 --          or a timeout) answers what its first run did instead of acting twice
+-- ARGV[5]  the channel to announce a change of leadership on, or empty (Redlock: the agent
+--          announces what a majority decided); published here, with the change, so announcements
+--          are in the order the changes were made
+-- ARGV[6]  the election's kind and name, separated by a space (for the announcement)
 --
 -- Returns {outcome, leader, token, ttl_ms} (leader empty when nobody leads); outcome (quorum.rs
 -- `code`): 1 renewed, 2 following, 3 resigned, 4 handed over, 5 not holder, 6 elected.
@@ -46,8 +50,21 @@ if record[4] == id then
   return {done, who, token, term}
 end
 
+-- Announces a change (see src/store/redis/announce.rs for the format).
+local function announce(cause, tok, ttl)
+  if ARGV[5] ~= '' then
+    local message = string.format('%s %.0f %.0f %s %s', cause, tok, ttl, ARGV[6], who)
+    redis.call('PUBLISH', ARGV[5], message)
+  end
+end
+
 local function grant(code, tok, expiry, done)
   redis.call('HSET', KEYS[1], 'h', who, 't', tok, 'e', expiry, 'i', id, 'o', done)
+  if code == 6 then
+    announce('elected', tok, term)
+  elseif code == 4 then
+    announce('handed_over', tok, term)
+  end
   return {code, who, tok, term}
 end
 
@@ -78,6 +95,7 @@ elseif command == 'resign' then
   if live and holder == who then
     redis.call('HDEL', KEYS[1], 'h', 'e')
     redis.call('HSET', KEYS[1], 'i', id, 'o', 3)
+    announce('resigned', token, 0)
     return {3, who, token, 0}
   elseif live then
     return {5, holder, token, expires - now}

@@ -11,7 +11,9 @@
 //! one Lua script (`lease.lua`) carrying an id unique to the command, so that running it again
 //! (a Cluster redirect, a timeout) answers what it did the first time, and a failed Redlock
 //! command can take back exactly the leases it created (`release.lua`). Leadership changes are
-//! announced ([`announce`]); expiry needs no message (observers time it and confirm with a read).
+//! announced ([`announce`]) — by the script itself where one server holds the lease, so
+//! announcements follow the order of the changes; by the agent once a Redlock majority decided.
+//! Expiry needs no message (observers time it and confirm with a read).
 //!
 //! The parts: [`endpoints`] (URLs to clients), [`node`] (one endpoint: connections, scripts),
 //! [`cluster`] (slot routing), [`fanout`] and [`quorum`] (Redlock), [`announce`] (change
@@ -177,6 +179,10 @@ struct LeaseArgs {
     who: Name,
     term_ms: String,
     id: String,
+    /// Where the script announces a change (empty with Redlock: the agent announces what a
+    /// majority decided), and the election's `kind name` for the message.
+    channel: String,
+    election: String,
 }
 
 fn command_parts(command: &Command) -> (Kind, &'static str, &Name, Option<Duration>) {
@@ -237,11 +243,19 @@ impl LeaseStore for RedisStore {
         let servers = shared.nodes.len();
         let (kind, operation, who, term) = command_parts(&command);
         let key: Arc<str> = shared.key(election).into();
+        // One server announces a change itself, in the order it makes them; N servers have no
+        // such order, and the agent announces what a majority decided.
+        let announced_by_server = servers == 1;
         let args = Arc::new(LeaseArgs {
             operation,
             who: who.clone(),
             term_ms: term.map_or(0, |t| t.as_millis()).to_string(),
             id: shared.command_id(),
+            channel: match announced_by_server {
+                true => shared.announcer.channel().to_owned(),
+                false => String::new(),
+            },
+            election: format!("{} {}", election.kind, election.election),
         });
         let started = Instant::now();
         let gathered = gather(
@@ -255,7 +269,14 @@ impl LeaseStore for RedisStore {
                         .write(
                             &LEASE,
                             &key,
-                            [a.operation, a.who.as_str(), &a.term_ms, &a.id],
+                            [
+                                a.operation,
+                                a.who.as_str(),
+                                &a.term_ms,
+                                &a.id,
+                                &a.channel,
+                                &a.election,
+                            ],
                             |(code, ..): &(u8, String, u64, u64)| quorum::may_have_written(*code),
                         )
                         .await
@@ -302,7 +323,7 @@ impl LeaseStore for RedisStore {
         }
         settle_late(shared.clone(), key, id, release, late, gathered.stragglers);
 
-        if let (Some(cause), Ok(result)) = (change, &outcome)
+        if let (Some(cause), Ok(result), false) = (change, &outcome, announced_by_server)
             && cause != ChangeCause::Renewed
         {
             let token = match result {
@@ -333,29 +354,10 @@ impl LeaseStore for RedisStore {
     }
 
     async fn leadership(&self, election: &ElectionKey) -> Result<Leadership, StoreError> {
-        let shared = &self.shared;
-        let key = shared.key(election);
-        gather(
-            &shared.nodes,
-            shared.per_server_timeout(None),
-            |i| {
-                let (node, key) = (&shared.nodes[i], &key);
-                async move {
-                    let reply = node.eval::<(String, u64, u64)>(&LEADER, key, ()).await.map(
-                        |(leader, token, ttl_ms)| Reply {
-                            code: 0,
-                            leader,
-                            token,
-                            ttl_ms,
-                        },
-                    );
-                    (i, reply)
-                }
-            },
-            combine_leader,
-        )
-        .await
-        .decision
+        match self.read(election).await? {
+            Read::Settled(leadership) => Ok(leadership),
+            Read::Contested(why) => Err(why),
+        }
     }
 
     async fn leaders(&self, kind: &Name) -> Result<Vec<(Name, LeaderInfo)>, StoreError> {
@@ -385,13 +387,18 @@ impl LeaseStore for RedisStore {
             .flatten()
             .filter_map(|key| Name::parse("election", key.strip_prefix(&prefix)?).ok())
             .collect();
+        // An election whose lease no majority confirms is not listed; one the servers cannot
+        // tell (a write in flight while a server is down) is left out rather than failing the
+        // whole listing.
         let leaders = join_all(elections.into_iter().map(|election| async {
             let key = ElectionKey {
                 kind: kind.clone(),
                 election,
             };
-            let leadership = self.leadership(&key).await?;
-            Ok::<_, StoreError>(leadership.leader.map(|info| (key.election, info)))
+            Ok::<_, StoreError>(match self.read(&key).await? {
+                Read::Settled(leadership) => leadership.leader.map(|info| (key.election, info)),
+                Read::Contested(_) => None,
+            })
         }))
         .await;
         leaders.into_iter().filter_map(Result::transpose).collect()
@@ -414,6 +421,61 @@ impl LeaseStore for RedisStore {
             Ok(())
         } else {
             Err(first_error(pings.answers))
+        }
+    }
+}
+
+/// How often a read whose servers disagree is made again before it says it cannot tell.
+const READ_ATTEMPTS: u32 = 3;
+
+/// What a read found.
+enum Read {
+    /// A majority settles who leads.
+    Settled(Leadership),
+    /// A majority answered but does not agree, and the servers that did not answer could tip it:
+    /// a write is in flight (or servers diverged) while a server is down.
+    Contested(StoreError),
+}
+
+impl RedisStore {
+    /// Reads `election`; servers that disagree are asked again after a few milliseconds, long
+    /// enough for a write in flight to land everywhere it is going.
+    async fn read(&self, election: &ElectionKey) -> Result<Read, StoreError> {
+        let shared = &self.shared;
+        let key = shared.key(election);
+        let mut attempt = 1;
+        loop {
+            let gathered = gather(
+                &shared.nodes,
+                shared.per_server_timeout(None),
+                |i| {
+                    let (node, key) = (&shared.nodes[i], &key);
+                    async move {
+                        let reply = node.eval::<(String, u64, u64)>(&LEADER, key, ()).await.map(
+                            |(leader, token, ttl_ms)| Reply {
+                                code: 0,
+                                leader,
+                                token,
+                                ttl_ms,
+                            },
+                        );
+                        (i, reply)
+                    }
+                },
+                combine_leader,
+            )
+            .await;
+            match gathered.decision {
+                Ok(leadership) => return Ok(Read::Settled(leadership)),
+                Err(why) if majority_answered(&gathered.answers) == Some(true) => {
+                    if attempt == READ_ATTEMPTS {
+                        return Ok(Read::Contested(why));
+                    }
+                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+                    attempt += 1;
+                }
+                Err(why) => return Err(why),
+            }
         }
     }
 }

@@ -302,6 +302,25 @@ pub(crate) fn combine(kind: Kind, answers: &[Answer<Reply>], valid: bool) -> Opt
 }
 
 fn granted_by_majority(kind: Kind, granted: &[(usize, &Reply)], quorum: usize) -> Verdict {
+    let fresh = granted.iter().any(|(_, r)| r.code != code::RENEWED);
+    if !fresh {
+        // The holder's own lease, renewed: its token was made durable when it was granted. The
+        // servers may differ by a minority (a grant that answered late, a clock a millisecond
+        // ahead): report the token a majority of them vouches for, and change none.
+        let mut tokens: Vec<u64> = granted.iter().map(|(_, r)| r.token).collect();
+        tokens.sort_unstable_by(|a, b| b.cmp(a));
+        return Verdict {
+            outcome: Ok(Outcome::Leading {
+                token: FencingToken(tokens[quorum - 1]),
+            }),
+            release: Vec::new(),
+            raise: Vec::new(),
+            change: Some(ChangeCause::Renewed),
+            late: Late::Ignore,
+        };
+    }
+    // A new lease: the highest token granted (above every token any earlier majority vouched
+    // for, as this majority shares a server with it), made durable on a majority.
     let token = granted
         .iter()
         .map(|(_, r)| r.token)
@@ -317,24 +336,17 @@ fn granted_by_majority(kind: Kind, granted: &[(usize, &Reply)], quorum: usize) -
             .map(|(i, _)| *i)
             .collect()
     };
-    let fresh = granted
-        .iter()
-        .any(|(_, r)| r.token == token && r.code != code::RENEWED);
     let token = FencingToken(token);
     let (outcome, change) = match kind {
         Kind::Handover => (Outcome::HandedOver { token }, ChangeCause::HandedOver),
-        _ if fresh => (Outcome::Leading { token }, ChangeCause::Elected),
-        _ => (Outcome::Leading { token }, ChangeCause::Renewed),
+        _ => (Outcome::Leading { token }, ChangeCause::Elected),
     };
     Verdict {
         outcome: Ok(outcome),
         release: Vec::new(),
         raise,
         change: Some(change),
-        late: match change {
-            ChangeCause::Renewed => Late::Ignore,
-            _ => Late::Raise(token),
-        },
+        late: Late::Raise(token),
     }
 }
 
@@ -596,6 +608,15 @@ mod tests {
         let v = decided(Kind::Extend, &[ok(1, "a", 5), ok(1, "a", 5), down()]);
         assert_eq!(v.outcome, leading(5));
         assert_eq!(v.change, Some(ChangeCause::Renewed));
+        // One server granted a millisecond later, so from a higher clock: the renewal still
+        // reports the lease's token, and raises nothing.
+        let v = decided(Kind::Campaign, &[ok(1, "a", 5), ok(1, "a", 6), None]);
+        assert_eq!((v.outcome, v.raise), (leading(5), vec![]));
+        let v = decided(
+            Kind::Campaign,
+            &[ok(1, "a", 6), ok(1, "a", 5), ok(1, "a", 5)],
+        );
+        assert_eq!(v.outcome, leading(5));
     }
 
     #[test]

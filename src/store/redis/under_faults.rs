@@ -257,7 +257,13 @@ impl Deployment {
                 Self::Sentinel(set) => {
                     let (port, _) = Self::sentinel_master(set).await;
                     set.server_on(port).expect("a data server").stop().await;
-                    set.wait_for_failover(Duration::from_secs(30)).await;
+                    // The sentinels name the other server (an earlier fault may have swapped the
+                    // roles already, so this waits for "not the one stopped").
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while Self::sentinel_master(set).await.0 == port {
+                        assert!(Instant::now() < deadline, "{run}: no failover within 30 s");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                     set.server_on(port).expect("a data server").restart().await;
                 }
                 Self::Cluster(cluster) => {
