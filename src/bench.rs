@@ -1,7 +1,7 @@
 //! `election-agent bench`: a load generator for a running agent, and for `GetPods` over
 //! synthetic caches.
 //!
-//! `grpc` and `http` run the Go service's benchmark workload (SPEC §9): every client wins one
+//! `grpc` and `http` run the Go service's benchmark workload: every client wins one
 //! election of its own with one successful campaign, then per iteration its leader extends the
 //! term and another candidate campaigns and loses. `pods` asks `GetPods` for one Deployment; without
 //! `--address` it starts an agent in this process over caches holding a synthetic Deployment, so

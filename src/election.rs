@@ -516,24 +516,25 @@ impl Observer {
                 self.tracking(leader.map(Tracked::from_info));
                 Some(self.event(EventKind::Current, self.current.as_ref(), version))
             }
-            // A majority says nobody leads, though the servers that answered vouch for no newer
-            // token (they diverged): the lease we tracked is over all the same.
-            (Some(tracked), None) => {
-                let ended = Version::ended(tracked.token);
-                let event = (ended > self.seen).then(|| {
-                    self.seen = ended;
-                    self.event(EventKind::Expired, Some(&tracked), ended)
-                });
-                self.tracking(None);
-                event
-            }
             // Renewed: track the new expiry.
             (Some(tracked), Some(info)) if info.leader == tracked.leader => {
                 self.tracking(Some(Tracked::from_info(info)));
                 None
             }
-            (tracked, _) => {
-                self.tracking(tracked);
+            // A majority says nobody, or another, leads — though the servers that answered vouch
+            // for no newer token (they diverged): the lease we tracked is over all the same.
+            (Some(tracked), leader) => {
+                let ended = Version::ended(tracked.token);
+                let event = (ended > self.seen).then(|| {
+                    self.seen = ended;
+                    self.event(EventKind::Expired, Some(&tracked), ended)
+                });
+                self.tracking(leader.map(Tracked::from_info));
+                event
+            }
+            // Nothing newer than what the stream reported: follow what the store says.
+            (None, leader) => {
+                self.tracking(leader.map(Tracked::from_info));
                 None
             }
         }
@@ -761,6 +762,127 @@ mod tests {
             started.elapsed() < Duration::from_millis(1_100),
             "{:?}",
             started.elapsed()
+        );
+    }
+
+    fn leading(leader: &str, token: u64) -> Leadership {
+        Leadership {
+            leader: Some(LeaderInfo {
+                leader: Name::parse("leader", leader).unwrap(),
+                token: FencingToken(token),
+                ttl_ms: 60_000,
+            }),
+            token: FencingToken(token),
+        }
+    }
+
+    fn nobody(token: u64) -> Leadership {
+        Leadership {
+            leader: None,
+            token: FencingToken(token),
+        }
+    }
+
+    fn observer() -> Observer {
+        Observer {
+            election: election_key("", "e").unwrap(),
+            seen: Version::default(),
+            current: None,
+            recheck: Instant::now(),
+            failures: 0,
+        }
+    }
+
+    fn summary(event: Option<LeaderEvent>) -> Option<(EventKind, Option<String>, u64)> {
+        event.map(|e| (e.kind, e.leader.map(|l| l.to_string()), e.version.0))
+    }
+
+    #[tokio::test]
+    async fn an_observer_reports_from_its_reads_only_what_is_newer_than_what_it_told() {
+        let mut o = observer();
+        o.start(leading("x", 5));
+        assert_eq!(o.seen, Version(10));
+        // Renewed: nothing to tell, a later deadline to watch.
+        assert_eq!(summary(o.read(leading("x", 5))), None);
+        assert!(o.recheck > Instant::now() + Duration::from_secs(50));
+        // Its term ran out and nothing happened since.
+        assert_eq!(
+            summary(o.read(nobody(5))),
+            Some((EventKind::Expired, Some("x".into()), 11))
+        );
+        // Changes it was not told of: how things stand now.
+        assert_eq!(
+            summary(o.read(leading("y", 7))),
+            Some((EventKind::Current, Some("y".into()), 14))
+        );
+        // A majority names another holder at no newer token (diverged servers): the lease it
+        // tracked is over all the same, and it follows the store without a busy loop.
+        assert_eq!(
+            summary(o.read(leading("z", 6))),
+            Some((EventKind::Expired, Some("y".into()), 15))
+        );
+        assert!(o.recheck > Instant::now() + Duration::from_secs(50));
+        assert_eq!(summary(o.read(leading("z", 6))), None, "nothing newer");
+    }
+
+    #[tokio::test]
+    async fn an_observer_reports_only_announcements_newer_than_what_it_told() {
+        let mut o = observer();
+        o.start(nobody(0));
+        let change = |cause, token| crate::store::LeaseChange {
+            election: election_key("", "e").unwrap(),
+            cause,
+            leader: LeaderInfo {
+                leader: Name::parse("leader", "a").unwrap(),
+                token: FencingToken(token),
+                ttl_ms: 60_000,
+            },
+        };
+        assert!(o.changed(change(ChangeCause::Elected, 3)).is_some());
+        assert!(
+            o.changed(change(ChangeCause::Elected, 3)).is_none(),
+            "an echo"
+        );
+        assert!(o.changed(change(ChangeCause::Renewed, 3)).is_none());
+        assert!(o.changed(change(ChangeCause::Resigned, 3)).is_some());
+        assert!(o.changed(change(ChangeCause::Elected, 3)).is_none(), "late");
+        assert!(
+            o.changed(change(ChangeCause::HandedOver, 2)).is_none(),
+            "older"
+        );
+        assert_eq!(o.seen, Version(7));
+        assert!(o.current.is_none(), "resigned: nobody leads");
+    }
+
+    #[tokio::test]
+    async fn an_observer_that_falls_behind_is_told_so_and_never_sees_an_older_state() {
+        let s = service();
+        let mut events = Box::pin(s.observe("", "burst").await.unwrap());
+        let first = events.next().await.unwrap();
+        // 20,000 handovers while the observer reads nothing: it falls far behind.
+        for i in 0..20_000 {
+            s.handover("", "burst", &format!("h{i}"), 60_000)
+                .await
+                .unwrap();
+        }
+        let mut seen = vec![first];
+        while seen.last().unwrap().leader.as_ref().map(Name::as_str) != Some("h19999") {
+            let event = tokio::time::timeout(Duration::from_secs(3), events.next())
+                .await
+                .expect("the stream catches up")
+                .unwrap();
+            seen.push(event);
+        }
+        for pair in seen.windows(2) {
+            assert!(pair[1].version > pair[0].version, "{pair:?}");
+            // Handovers are numbered 1, 2, 3...: a step of more than one lease is a skip.
+            if pair[1].version.0 > pair[0].version.0.max(1) + 2 {
+                assert_eq!(pair[1].kind, EventKind::Current, "a silent skip: {pair:?}");
+            }
+        }
+        assert!(
+            seen.iter().skip(1).any(|e| e.kind == EventKind::Current),
+            "the observer fell behind, so it must have been told"
         );
     }
 

@@ -30,7 +30,8 @@ pub use pb::election_server::ElectionServer;
 /// The fully qualified name of the `Election` service, as health checks know it.
 pub const SERVICE_NAME: &str = "grpc.election_agent.v1.Election";
 
-/// Maps a service error to its gRPC status (SPEC §3).
+/// Maps a service error to its gRPC status: invalid fields INVALID_ARGUMENT, no leader NOT_FOUND,
+/// held by another ALREADY_EXISTS, store unavailable FAILED_PRECONDITION (as the Go service).
 pub fn status(err: ElectionError) -> Status {
     let message = err.to_string();
     match err {

@@ -1,4 +1,4 @@
-//! The REST adapter (SPEC §4): the Go service's routes plus list, watch (Server-Sent Events),
+//! The REST adapter: the Go service's routes plus list, watch (Server-Sent Events),
 //! probes, metrics and the OpenAPI document.
 //!
 //! Routes are registered through `utoipa_axum`'s `OpenApiRouter`, which takes each route's path

@@ -1,4 +1,4 @@
-//! Prometheus metrics of the API (SPEC §8), on a registry owned by the process.
+//! Prometheus metrics of the API, on a registry owned by the process.
 //!
 //! Names and labels are those of the Go service, so dashboards and alerts keep working. Every
 //! `(action, status)` histogram and every in-flight gauge is resolved once at start-up: recording a

@@ -1,4 +1,4 @@
-//! Clients generated from the Go service's contract (SPEC §3, `tests/proto/go_contract.proto`,
+//! Clients generated from the Go service's contract (`tests/proto/go_contract.proto`,
 //! without this product's additions) work unchanged against the server, on every RPC.
 
 mod common;

@@ -1,4 +1,4 @@
-//! The REST adapter end to end (SPEC §4), driven in-process through the axum router: every route,
+//! The REST adapter end to end, driven in-process through the axum router: every route,
 //! every error shape (`{"message": ...}`, naming the field at fault), the SSE watch, the probes and
 //! metrics, and the OpenAPI document (served == generated == checked in, and every documented
 //! operation is routed).

@@ -80,7 +80,8 @@ impl OperatorError {
     }
 }
 
-/// The controller's metrics (SPEC §8), registered with the agent's.
+/// The controller's metrics (reconciles, errors, durations, leader changes, elections managed),
+/// registered with the agent's.
 #[derive(Clone)]
 pub struct OperatorMetrics {
     reconciles: IntCounter,

@@ -1314,6 +1314,15 @@ impl RedisCluster {
         Ok(())
     }
 
+    /// Starts every stopped node again (a master that was failed over comes back as a replica
+    /// of its successor) and waits (30 s at most) until the cluster is whole.
+    pub(crate) async fn restart_stopped(&mut self) {
+        for node in self.nodes.iter_mut().filter(|node| !node.is_running()) {
+            node.restart().await;
+        }
+        self.wait_until_ok(CLUSTER_READY_TIMEOUT).await;
+    }
+
     /// A human-readable dump of the cluster as the first running node sees it (for diagnostics).
     pub(crate) async fn describe(&self) -> String {
         let port = self.any_running_port();

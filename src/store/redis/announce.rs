@@ -39,7 +39,7 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// Tells this agent's listeners about changes, each once and in version order.
 pub(crate) struct Announcer {
-    channel: String,
+    channel: Arc<str>,
     events: broadcast::Sender<StoreEvent>,
     /// The version of the last change passed on, per election.
     announced: Mutex<HashMap<ElectionKey, Version>>,
@@ -49,14 +49,14 @@ impl Announcer {
     /// An announcer publishing on `[prefix]/events`.
     pub(crate) fn new(prefix: &str) -> Self {
         Self {
-            channel: format!("{prefix}/events"),
+            channel: format!("{prefix}/events").into(),
             events: broadcast::channel(EVENT_BUFFER).0,
             announced: Mutex::default(),
         }
     }
 
     /// The Redis channel changes are published on.
-    pub(crate) fn channel(&self) -> &str {
+    pub(crate) fn channel(&self) -> &Arc<str> {
         &self.channel
     }
 

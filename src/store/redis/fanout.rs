@@ -11,8 +11,8 @@ use futures::{StreamExt, stream::FuturesUnordered};
 use super::{node::Node, quorum::Answer};
 use crate::store::StoreError;
 
-/// Calls still running when a fan-out was decided.
-pub(crate) type Stragglers<F> = FuturesUnordered<F>;
+/// Calls still running when a fan-out was decided (none with one server).
+pub(crate) type Stragglers<F> = Option<FuturesUnordered<F>>;
 
 /// What a fan-out decided, on which answers, and the calls still running.
 pub(crate) struct Gathered<V, T, F> {
@@ -43,7 +43,7 @@ where
         return Gathered {
             decision: decide(&answers).expect("a single answer settles every request"),
             answers,
-            stragglers: FuturesUnordered::new(),
+            stragglers: None,
         };
     }
     let mut answers: Vec<Answer<T>> = nodes.iter().map(|_| None).collect();
@@ -54,7 +54,7 @@ where
             return Gathered {
                 decision,
                 answers,
-                stragglers: running,
+                stragglers: Some(running),
             };
         }
         match tokio::time::timeout_at(deadline, running.next()).await {
@@ -71,7 +71,7 @@ where
                 return Gathered {
                     decision: decide(&answers).expect("every server has answered or failed"),
                     answers,
-                    stragglers: running,
+                    stragglers: Some(running),
                 };
             }
         }

@@ -72,9 +72,10 @@ struct Shared {
     server_timeout: Duration,
     /// How long any one call to a server may take.
     operation_timeout: Duration,
-    /// This agent process's name in command ids (`<agent>:<n>`): random, so ids are unique
-    /// across agent replicas and restarts.
-    agent: String,
+    /// This agent process's number in command ids: random, so that two commands on one election
+    /// from different agent replicas (or restarts) carry the same id with a chance of 2^-32 even
+    /// if their counters meet — and only the last command on a record is ever compared.
+    agent: u64,
     commands: AtomicU64,
 }
 
@@ -104,7 +105,7 @@ impl RedisStore {
             nodes,
             prefix: config.key_prefix.clone(),
             announcer: Announcer::new(&config.key_prefix),
-            agent: format!("{:016x}", fastrand::u64(..)),
+            agent: u64::from(fastrand::u32(..)),
             commands: AtomicU64::new(0),
         });
         let mut background: Vec<JoinHandle<()>> = (0..shared.nodes.len())
@@ -128,12 +129,9 @@ impl Shared {
         )
     }
 
-    fn command_id(&self) -> String {
-        format!(
-            "{}:{}",
-            self.agent,
-            self.commands.fetch_add(1, Ordering::Relaxed)
-        )
+    /// A new command id: this agent's random number in the high half, a counter in the low one.
+    fn command_id(&self) -> u64 {
+        self.agent << 32 | (self.commands.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff)
     }
 
     /// How long a fan-out waits for one server: the configured per-server timeout, and for a
@@ -148,21 +146,26 @@ impl Shared {
 
     /// Runs `script` on `key` with `args` on every server, for the calls a command's verdict
     /// leaves to do; errors are ignored (a lease that cannot be released expires with its term).
-    async fn on_servers(&self, servers: &[usize], script: &node::Script, key: &str, args: &[&str]) {
+    async fn on_servers(
+        &self,
+        servers: &[usize],
+        script: &node::Script,
+        key: &str,
+        args: impl serde::Serialize + Clone,
+    ) {
         join_all(
             servers
                 .iter()
-                .map(|&i| self.nodes[i].write(script, key, args.to_vec(), |_: &u64| true)),
+                .map(|&i| self.nodes[i].write(script, key, args.clone(), |_: &u64| true)),
         )
         .await;
     }
 
     /// Raises the token of this command's grants on `servers` to `token`; says how many servers
     /// now have it (those already at `token` not included).
-    async fn raise(&self, servers: &[usize], key: &str, id: &str, token: FencingToken) -> usize {
-        let target = token.0.to_string();
+    async fn raise(&self, servers: &[usize], key: &str, id: u64, token: FencingToken) -> usize {
         let raised = join_all(servers.iter().map(|&i| {
-            let call = self.nodes[i].write(&RAISE, key, [id, target.as_str()], |_: &u64| true);
+            let call = self.nodes[i].write(&RAISE, key, (id, token.0), |_: &u64| true);
             tokio::time::timeout(self.server_timeout, call)
         }))
         .await;
@@ -173,15 +176,16 @@ impl Shared {
     }
 }
 
-/// What a command sends to `lease.lua` besides the key.
+/// What a command sends to `lease.lua`, shared by the calls of its fan-out.
 struct LeaseArgs {
+    key: String,
     operation: &'static str,
     who: Name,
-    term_ms: String,
-    id: String,
+    term_ms: u64,
+    id: u64,
     /// Where the script announces a change (empty with Redlock: the agent announces what a
     /// majority decided), and the election's `kind name` for the message.
-    channel: String,
+    channel: Arc<str>,
     election: String,
 }
 
@@ -201,31 +205,31 @@ fn command_parts(command: &Command) -> (Kind, &'static str, &Name, Option<Durati
 /// failed command (`release`, and late grants), or raises late grants of a new lease to its token.
 fn settle_late<F>(
     shared: Arc<Shared>,
-    key: Arc<str>,
-    id: Arc<str>,
+    args: Arc<LeaseArgs>,
     release: Vec<usize>,
     late: Late,
-    mut stragglers: Stragglers<F>,
+    stragglers: Stragglers<F>,
 ) where
     F: Future<Output = (usize, Result<Reply, StoreError>)> + Send + 'static,
 {
-    if release.is_empty() && (late == Late::Ignore || stragglers.is_empty()) {
+    let stragglers = stragglers.filter(|s| late != Late::Ignore && !s.is_empty());
+    if release.is_empty() && stragglers.is_none() {
         return;
     }
     tokio::spawn(async move {
-        shared.on_servers(&release, &RELEASE, &key, &[&id]).await;
-        if late == Late::Ignore {
+        let (key, id) = (args.key.as_str(), args.id);
+        shared.on_servers(&release, &RELEASE, key, (id,)).await;
+        let Some(mut stragglers) = stragglers else {
             return;
-        }
+        };
         while let Some((i, answer)) = stragglers.next().await {
             let Ok(reply) = answer else { continue };
             match late {
                 Late::Release if quorum::is_new_lease(reply.code) => {
-                    shared.on_servers(&[i], &RELEASE, &key, &[&id]).await;
+                    shared.on_servers(&[i], &RELEASE, key, (id,)).await;
                 }
-                Late::Raise(token) if reply.leader.is_empty() || reply.token >= token.0 => {}
-                Late::Raise(token) => {
-                    shared.raise(&[i], &key, &id, token).await;
+                Late::Raise(token) if quorum::is_grant(reply.code) && reply.token < token.0 => {
+                    shared.raise(&[i], key, id, token).await;
                 }
                 _ => {}
             }
@@ -242,18 +246,18 @@ impl LeaseStore for RedisStore {
         let shared = &self.shared;
         let servers = shared.nodes.len();
         let (kind, operation, who, term) = command_parts(&command);
-        let key: Arc<str> = shared.key(election).into();
         // One server announces a change itself, in the order it makes them; N servers have no
         // such order, and the agent announces what a majority decided.
         let announced_by_server = servers == 1;
         let args = Arc::new(LeaseArgs {
+            key: shared.key(election),
             operation,
             who: who.clone(),
-            term_ms: term.map_or(0, |t| t.as_millis()).to_string(),
+            term_ms: term.map_or(0, |t| t.as_millis() as u64),
             id: shared.command_id(),
             channel: match announced_by_server {
-                true => shared.announcer.channel().to_owned(),
-                false => String::new(),
+                true => shared.announcer.channel().clone(),
+                false => Arc::from(""),
             },
             election: format!("{} {}", election.kind, election.election),
         });
@@ -262,21 +266,21 @@ impl LeaseStore for RedisStore {
             &shared.nodes,
             shared.per_server_timeout(term),
             |i| {
-                let (shared, key, args) = (shared.clone(), key.clone(), args.clone());
+                let (shared, args) = (shared.clone(), args.clone());
                 async move {
                     let a = &*args;
                     let reply = shared.nodes[i]
                         .write(
                             &LEASE,
-                            &key,
-                            [
+                            &a.key,
+                            (
                                 a.operation,
                                 a.who.as_str(),
-                                &a.term_ms,
-                                &a.id,
-                                &a.channel,
-                                &a.election,
-                            ],
+                                a.term_ms,
+                                a.id,
+                                &*a.channel,
+                                a.election.as_str(),
+                            ),
                             |(code, ..): &(u8, String, u64, u64)| quorum::may_have_written(*code),
                         )
                         .await
@@ -304,7 +308,6 @@ impl LeaseStore for RedisStore {
             change,
             mut late,
         } = gathered.decision;
-        let id: Arc<str> = args.id.as_str().into();
 
         if let (Ok(Outcome::Leading { token } | Outcome::HandedOver { token }), false) =
             (&outcome, raise.is_empty())
@@ -312,7 +315,8 @@ impl LeaseStore for RedisStore {
             // Made durable on a majority before anyone is told.
             let token = *token;
             let at_token = granted_at(&gathered.answers, who, token);
-            if at_token + shared.raise(&raise, &key, &id, token).await < quorum::quorum(servers) {
+            let raised = shared.raise(&raise, &args.key, args.id, token).await;
+            if at_token + raised < quorum::quorum(servers) {
                 outcome = Err(StoreError::Unavailable(
                     "could not make the new fencing token durable on a majority of Redis servers"
                         .into(),
@@ -321,7 +325,7 @@ impl LeaseStore for RedisStore {
                 late = Late::Release;
             }
         }
-        settle_late(shared.clone(), key, id, release, late, gathered.stragglers);
+        settle_late(shared.clone(), args, release, late, gathered.stragglers);
 
         if let (Some(cause), Ok(result), false) = (change, &outcome, announced_by_server)
             && cause != ChangeCause::Renewed

@@ -221,17 +221,31 @@ impl Node {
         &self,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Err(err)) => {
-                self.after_failure();
-                Err(err)
-            }
-            Ok(result) => result,
-            Err(_) => Err(self.error(
-                "no answer",
-                format!("operation timeout of {:?} ran out", self.timeout),
-            )),
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(self.error(
+                    "no answer",
+                    format!("operation timeout of {:?} ran out", self.timeout),
+                ))
+            })
+    }
+
+    /// A command failed: when the connection failed, or reached a master that is one no more
+    /// (`READONLY`, `UNBLOCKED` by a demotion), see [`after_failure`]; other error replies
+    /// (`NOREPLICAS`, `LOADING`...) say nothing against the connection.
+    ///
+    /// [`after_failure`]: Self::after_failure
+    fn failed(&self, what: &str, err: rustis::Error) -> StoreError {
+        use rustis::RedisErrorKind::{Readonly, Unblocked};
+        let demoted = matches!(
+            err.kind(),
+            rustis::ErrorKind::Redis(redis) if matches!(redis.kind, Readonly | Unblocked)
+        );
+        if err.is_connection_error() || demoted {
+            self.after_failure();
         }
+        self.error(what, err)
     }
 
     /// Runs `script`, which only reads, on `key` with `args`. In a Cluster, a command refused
@@ -242,7 +256,7 @@ impl Node {
         key: &str,
         args: impl Serialize + Clone,
     ) -> Result<R, StoreError> {
-        self.call(script, key, args, |_: &R| false).await
+        self.write(script, key, args, |_: &R| false).await
     }
 
     /// Runs `script`, which may write, on `key` with `args`, as [`eval`](Self::eval) does — and
@@ -250,16 +264,6 @@ impl Node {
     /// required replicas acknowledged it (see [`ReplicaAcks`]): an acknowledged write survives a
     /// failover.
     pub(crate) async fn write<R: DeserializeOwned>(
-        &self,
-        script: &Script,
-        key: &str,
-        args: impl Serialize + Clone,
-        wrote: impl Fn(&R) -> bool,
-    ) -> Result<R, StoreError> {
-        self.call(script, key, args, wrote).await
-    }
-
-    async fn call<R: DeserializeOwned>(
         &self,
         script: &Script,
         key: &str,
@@ -287,7 +291,7 @@ impl Node {
                             router.invalidate();
                             rerouted = true;
                         }
-                        _ => return Err(self.error(script.name, err)),
+                        _ => return Err(self.failed(script.name, err)),
                     },
                 }
             }
@@ -320,7 +324,7 @@ impl Node {
                 client
                     .ping::<()>(())
                     .await
-                    .map_err(|err| self.error("PING", err))?;
+                    .map_err(|err| self.failed("PING", err))?;
             }
             Ok(())
         })
@@ -369,7 +373,7 @@ impl Node {
                 keys.extend(
                     scan(&client, pattern)
                         .await
-                        .map_err(|err| self.error("SCAN", err))?,
+                        .map_err(|err| self.failed("SCAN", err))?,
                 );
             }
             Ok(keys)

@@ -1,6 +1,7 @@
 //! The Redis stores against real Redis servers started on loopback ports of their own: the shared
 //! lease-store contract in every mode, the Lua script against the lease engine, Observe across
-//! agent replicas, and the failure behaviour of SPEC §5.
+//! agent replicas, and the failure behaviour: fail fast when unreachable, recover by itself,
+//! a Redlock majority deciding while a server hangs, failovers that keep every acknowledged lease.
 
 use std::time::{Duration, Instant};
 
@@ -410,6 +411,25 @@ async fn until_served(
     }
 }
 
+/// Checks, once the store serves again, that `holder` still leads `election` with `token`: a
+/// contender's campaign loses to it.
+async fn assert_survived(
+    store: &RedisStore,
+    election: &ElectionKey,
+    holder: &str,
+    token: FencingToken,
+) {
+    let lost = until_served(store, election, campaign("b"), Duration::from_secs(10)).await;
+    assert_eq!(
+        lost,
+        Outcome::Following {
+            leader: name(holder),
+            token
+        },
+        "the acknowledged lease survived the failover"
+    );
+}
+
 /// A Sentinel failover: the agent follows the new master, and every lease it acknowledged is
 /// there (it reported the lease only once a replica had it). Until the promoted master has a
 /// replica again, writes are refused rather than reported unreplicated; reads go on.
@@ -428,15 +448,7 @@ async fn sentinel_failover_keeps_every_acknowledged_lease_and_writes_again_once_
 
     sentinels.master().stop().await;
     sentinels.wait_for_failover(Duration::from_secs(20)).await;
-    let lost = until_served(&store, &election, campaign("b"), Duration::from_secs(10)).await;
-    assert_eq!(
-        lost,
-        Outcome::Following {
-            leader: name("a"),
-            token: before
-        },
-        "the acknowledged lease survived the failover"
-    );
+    assert_survived(&store, &election, "a", before).await;
     let handover = Command::Handover {
         leader: name("b"),
         term: Term::from_millis(10_000),
@@ -469,22 +481,8 @@ async fn cluster_keeps_every_acknowledged_lease_when_the_master_of_an_election_d
 
     cluster.master_for_key(&record).await.stop().await;
     cluster.wait_until_ok(Duration::from_secs(30)).await;
-    let lost = until_served(&store, &election, campaign("b"), Duration::from_secs(10)).await;
-    assert_eq!(
-        lost,
-        Outcome::Following {
-            leader: name("a"),
-            token: before
-        },
-        "the acknowledged lease survived the failover"
-    );
-    let stopped = cluster
-        .nodes()
-        .iter_mut()
-        .find(|node| !node.is_running())
-        .expect("the stopped master");
-    stopped.restart().await;
-    cluster.wait_until_ok(Duration::from_secs(30)).await;
+    assert_survived(&store, &election, "a", before).await;
+    cluster.restart_stopped().await;
     let handover = Command::Handover {
         leader: name("b"),
         term: Term::from_millis(10_000),
@@ -658,30 +656,21 @@ async fn redlock_answers_within_300_ms_with_one_server_paused_or_blackholed() {
                 let mut latencies: [Vec<Duration>; 5] = Default::default();
                 for round in 0..20 {
                     let term = Term::from_millis(if round % 2 == 0 { 1_000 } else { 2_000 });
-                    let campaign = store.execute(
-                        &election,
-                        Command::Campaign {
-                            candidate: me.clone(),
-                            term,
-                        },
-                    );
-                    let outcome = timed(&mut latencies[0], campaign).await;
-                    assert!(
-                        matches!(outcome, Ok(Outcome::Leading { .. })),
-                        "{outcome:?}"
-                    );
-                    let extend = store.execute(
-                        &election,
-                        Command::Extend {
-                            leader: me.clone(),
-                            term,
-                        },
-                    );
-                    let outcome = timed(&mut latencies[1], extend).await;
-                    assert!(
-                        matches!(outcome, Ok(Outcome::Leading { .. })),
-                        "{outcome:?}"
-                    );
+                    let campaign = Command::Campaign {
+                        candidate: me.clone(),
+                        term,
+                    };
+                    let extend = Command::Extend {
+                        leader: me.clone(),
+                        term,
+                    };
+                    for (latencies, command) in latencies.iter_mut().zip([campaign, extend]) {
+                        let outcome = timed(latencies, store.execute(&election, command)).await;
+                        assert!(
+                            matches!(outcome, Ok(Outcome::Leading { .. })),
+                            "{outcome:?}"
+                        );
+                    }
                     let read = timed(&mut latencies[2], store.leadership(&election))
                         .await
                         .unwrap();
@@ -895,5 +884,56 @@ async fn a_burst_of_handovers_is_observed_without_replays_or_silent_gaps() {
          resynchronisations",
         issued.len(),
         seen.len() - 1 - resyncs
+    );
+}
+
+/// A command's script run again with the same id — as after a Cluster redirect or a timeout —
+/// answers what its first run did, and does nothing twice: an election is not reported as a
+/// renewal, a handover does not hand over again (or raise the token again), a resignation is
+/// still reported as one.
+#[tokio::test]
+async fn a_command_run_again_answers_what_its_first_run_did() {
+    let server = RedisServer::start().await;
+    let (store, _) = single(std::slice::from_ref(&server));
+    let node = &store.shared.nodes[0];
+    let key = "test/lease/test/rerun";
+    let run = async |operation: &str, who: &str, id: &str| {
+        node.write(
+            &LEASE,
+            key,
+            [operation, who, "10000", id, "", ""],
+            |_: &(u8, String, u64, u64)| true,
+        )
+        .await
+        .unwrap()
+    };
+    let elected = run("campaign", "a", "rerun:1").await;
+    assert_eq!(
+        (elected.0, elected.1.as_str()),
+        (quorum::code::ELECTED, "a")
+    );
+    assert_eq!(run("campaign", "a", "rerun:1").await, elected);
+    let renewed = run("campaign", "a", "rerun:2").await;
+    assert_eq!(
+        (renewed.0, renewed.2),
+        (quorum::code::RENEWED, elected.2),
+        "a new command renews"
+    );
+
+    let handed = run("handover", "b", "rerun:3").await;
+    assert_eq!(handed.0, quorum::code::HANDED_OVER);
+    assert!(handed.2 > elected.2);
+    assert_eq!(run("handover", "b", "rerun:3").await, handed);
+    let resigned = run("resign", "b", "rerun:4").await;
+    assert_eq!(
+        resigned,
+        (quorum::code::RESIGNED, "b".into(), handed.2, 0),
+        "b resigned its live lease"
+    );
+    assert_eq!(run("resign", "b", "rerun:4").await, resigned);
+    assert_eq!(
+        run("resign", "b", "rerun:5").await,
+        (quorum::code::RESIGNED, String::new(), handed.2, 0),
+        "a new resignation finds nobody"
     );
 }

@@ -270,13 +270,7 @@ impl Deployment {
                     let key = Self::target_key(run);
                     cluster.master_for_key(&key).await.stop().await;
                     cluster.wait_until_ok(Duration::from_secs(30)).await;
-                    let stopped = cluster
-                        .nodes()
-                        .iter_mut()
-                        .find(|node| !node.is_running())
-                        .expect("the stopped master");
-                    stopped.restart().await;
-                    cluster.wait_until_ok(Duration::from_secs(30)).await;
+                    cluster.restart_stopped().await;
                 }
                 _ => unreachable!("only Sentinel and Cluster fail over"),
             },
