@@ -44,7 +44,7 @@ pub use self::endpoints::EndpointError;
 use self::{
     announce::Announcer,
     fanout::{Stragglers, gather},
-    node::{LEADER, LEASE, Node, RAISE, RELEASE},
+    node::{ALIGN, LEADER, LEASE, Node, RELEASE},
     quorum::{Answer, Kind, Late, Reply, Verdict, combine, combine_leader, majority_answered},
 };
 use super::{LeaseChange, LeaseStore, StoreError, StoreEvent};
@@ -161,17 +161,20 @@ impl Shared {
         .await;
     }
 
-    /// Raises the token of this command's grants on `servers` to `token`; says how many servers
-    /// now have it (those already at `token` not included).
-    async fn raise(&self, servers: &[usize], key: &str, id: u64, token: FencingToken) -> usize {
-        let raised = join_all(servers.iter().map(|&i| {
-            let call = self.nodes[i].write(&RAISE, key, (id, token.0), |_: &u64| true);
-            tokio::time::timeout(self.server_timeout, call)
-        }))
+    /// Sets the token of this command's grants on `servers` to exactly `token`; says how many
+    /// servers now have it (those that already had it not included).
+    async fn align(&self, servers: &[usize], key: &str, id: u64, token: FencingToken) -> usize {
+        // Servers that just answered: bounded by the operation timeout only, as the first call
+        // on a server also loads the script.
+        let aligned = join_all(
+            servers
+                .iter()
+                .map(|&i| self.nodes[i].write(&ALIGN, key, (id, token.0), |_: &u64| true)),
+        )
         .await;
-        raised
+        aligned
             .iter()
-            .filter(|r| matches!(r, Ok(Ok(t)) if *t >= token.0))
+            .filter(|r| matches!(r, Ok(t) if *t == token.0))
             .count()
     }
 }
@@ -202,7 +205,7 @@ fn command_parts(command: &Command) -> (Kind, &'static str, &Name, Option<Durati
 }
 
 /// Finishes in the background what a decided command leaves to do: releases the new leases of a
-/// failed command (`release`, and late grants), or raises late grants of a new lease to its token.
+/// failed command (`release`, and late grants), or aligns late grants of a new lease to its token.
 fn settle_late<F>(
     shared: Arc<Shared>,
     args: Arc<LeaseArgs>,
@@ -228,8 +231,8 @@ fn settle_late<F>(
                 Late::Release if quorum::is_new_lease(reply.code) => {
                     shared.on_servers(&[i], &RELEASE, key, (id,)).await;
                 }
-                Late::Raise(token) if quorum::is_grant(reply.code) && reply.token < token.0 => {
-                    shared.raise(&[i], key, id, token).await;
+                Late::Align(token) if quorum::is_grant(reply.code) && reply.token != token.0 => {
+                    shared.align(&[i], key, id, token).await;
                 }
                 _ => {}
             }
@@ -304,19 +307,20 @@ impl LeaseStore for RedisStore {
         let Verdict {
             mut outcome,
             mut release,
-            raise,
+            align,
             change,
             mut late,
         } = gathered.decision;
 
         if let (Ok(Outcome::Leading { token } | Outcome::HandedOver { token }), false) =
-            (&outcome, raise.is_empty())
+            (&outcome, align.is_empty())
         {
-            // Made durable on a majority before anyone is told.
+            // Made durable on a majority, and the same on every server that granted, before
+            // anyone is told.
             let token = *token;
             let at_token = granted_at(&gathered.answers, who, token);
-            let raised = shared.raise(&raise, &args.key, args.id, token).await;
-            if at_token + raised < quorum::quorum(servers) {
+            let aligned = shared.align(&align, &args.key, args.id, token).await;
+            if at_token + aligned < quorum::quorum(servers) {
                 outcome = Err(StoreError::Unavailable(
                     "could not make the new fencing token durable on a majority of Redis servers"
                         .into(),

@@ -50,8 +50,8 @@ impl Script {
 pub(crate) static LEASE: Script = Script::new("lease.lua", include_str!("lease.lua"));
 /// `leader.lua`: the live leader of one election.
 pub(crate) static LEADER: Script = Script::new("leader.lua", include_str!("leader.lua"));
-/// `raise.lua`: raises a fencing token (Redlock).
-pub(crate) static RAISE: Script = Script::new("raise.lua", include_str!("raise.lua"));
+/// `align.lua`: sets a granted lease's token to the one reported (Redlock).
+pub(crate) static ALIGN: Script = Script::new("align.lua", include_str!("align.lua"));
 /// `release.lua`: undoes a partial grant (Redlock).
 pub(crate) static RELEASE: Script = Script::new("release.lua", include_str!("release.lua"));
 
@@ -80,6 +80,10 @@ pub(crate) struct Node {
     /// How many replicas must acknowledge a write before it is reported, and how long to wait
     /// for them (Sentinel, Cluster); `None` for a standalone server.
     durability: Option<(usize, Duration)>,
+    /// Held while a script is loaded on this endpoint, so that the calls that find it missing
+    /// (the first ones, or all those in flight after a restart or a failover) load it once, not
+    /// once each: thousands of copies of the text at once made the agent's memory peak.
+    loading: tokio::sync::Mutex<()>,
     backend: Backend,
 }
 
@@ -136,6 +140,7 @@ impl Node {
             label,
             timeout,
             durability,
+            loading: tokio::sync::Mutex::new(()),
             backend,
         }
     }
@@ -275,7 +280,7 @@ impl Node {
             loop {
                 let connection = self.connection(Some(key)).await?;
                 let reconnections = connection.acks.as_ref().map(|acks| acks.reconnections());
-                match run(&connection.client, script, key, args.clone()).await {
+                match run(&connection.client, &self.loading, script, key, args.clone()).await {
                     Ok(reply) => {
                         if let (Some(acks), Some(reconnections), true) =
                             (&connection.acks, reconnections, wrote(&reply))
@@ -394,9 +399,10 @@ impl Node {
 }
 
 /// Runs a script by SHA, loading it first where the server does not know it (first use, a
-/// restart, a failover).
+/// restart, a failover) — one load at a time per endpoint (`loading`).
 async fn run<R: DeserializeOwned>(
     client: &Client,
+    loading: &tokio::sync::Mutex<()>,
     script: &Script,
     key: &str,
     args: impl Serialize + Clone,
@@ -409,6 +415,14 @@ async fn run<R: DeserializeOwned>(
     }
     // Boxed: the first call and NOSCRIPT are rare; the common path stays small.
     Box::pin(async {
+        let _one_load_at_a_time = loading.lock().await;
+        // Another call may have loaded it while this one waited.
+        if let Some(sha) = script.sha.get() {
+            match client.evalsha::<R>(sha.as_str(), key, args.clone()).await {
+                Err(err) if is_no_script(&err) => {}
+                result => return result,
+            }
+        }
         let sha: String = client.script_load(script.text).await?;
         let reply = client.evalsha::<R>(sha.as_str(), key, args).await;
         let _ = script.sha.set(sha);

@@ -9,7 +9,7 @@
 //! After a failed command only what that command itself created is rolled back: a grant that
 //! made its candidate the new holder on a server (`release.lua` checks this on the server),
 //! never a renewal and never another holder's lease. A reported fencing token is first made
-//! durable on a majority (raised where a granting server had a lower one), so any later majority
+//! durable on a majority (aligned where a granting server had a lower one), so any later majority
 //! — which shares at least one server with this one — can only hand out higher tokens.
 
 use std::time::Duration;
@@ -72,8 +72,9 @@ pub(crate) enum Late {
     Ignore,
     /// The command failed: a late grant of a new lease is released.
     Release,
-    /// The command granted a new lease with this token: a late grant with a lower one is raised.
-    Raise(FencingToken),
+    /// The command granted a new lease with this token: any grant with another one (answered
+    /// late, or in time but not needed for durability) is aligned to it.
+    Align(FencingToken),
 }
 
 /// What the store must do once a command's answers settle it.
@@ -83,8 +84,8 @@ pub(crate) struct Verdict {
     pub outcome: Result<Outcome, StoreError>,
     /// Servers whose new lease must be released (the command failed).
     pub release: Vec<usize>,
-    /// Servers whose token must be raised to the reported one before it is reported.
-    pub raise: Vec<usize>,
+    /// Servers whose token must be aligned to the reported one before it is reported.
+    pub align: Vec<usize>,
     /// The change to announce, if leadership changed.
     pub change: Option<ChangeCause>,
     /// What answers arriving after this verdict call for.
@@ -237,7 +238,7 @@ pub(crate) fn combine(kind: Kind, answers: &[Answer<Reply>], valid: bool) -> Opt
             .filter(|(_, r)| is_new_lease(r.code))
             .map(|(i, _)| *i)
             .collect(),
-        raise: Vec::new(),
+        align: Vec::new(),
         change: None,
         late: Late::Release,
     };
@@ -252,12 +253,32 @@ pub(crate) fn combine(kind: Kind, answers: &[Answer<Reply>], valid: bool) -> Opt
                     .into(),
             ))));
         }
-        return Some(granted_by_majority(kind, &granted, quorum));
+        if granted.iter().all(|(_, r)| r.code == code::RENEWED) {
+            // The holder's own lease, renewed: its token is the one a majority of its servers
+            // hold exactly (it was aligned on them when granted). A server can lag behind (a
+            // late grant not aligned yet): then the last answer tips it, and without one the
+            // renewal cannot say which token is the lease's.
+            return match agreed_token(&granted, quorum) {
+                Some(token) => Some(renewed(token)),
+                None if tally.pending > 0 => None,
+                None => Some(failed(Err(StoreError::Unavailable(
+                    "the Redis servers that renewed the lease disagree on its fencing token".into(),
+                )))),
+            };
+        }
+        return Some(granted_by_majority(kind, &granted));
     }
     // Not (yet) granted by a majority: wait while the missing answers could still make one, or
-    // could still make a majority of answers that tells what happened instead.
+    // could still make a majority of answers that tells what happened instead, or could still
+    // show which holder a majority names (answers that disagree: a write in flight).
     let can_win = granted.len() + tally.pending >= quorum;
-    if can_win || (tally.answered.len() < quorum && tally.answers_possible()) {
+    let named = [code::FOLLOWING, code::NOT_HOLDER];
+    let holder_unsettled = tally.majority_holder(&named).is_none()
+        && tally.most_votes(&named) + tally.pending >= quorum;
+    if can_win
+        || (tally.answered.len() < quorum && tally.answers_possible())
+        || (tally.pending > 0 && holder_unsettled)
+    {
         return None;
     }
     if tally.answered.len() < quorum {
@@ -301,24 +322,26 @@ pub(crate) fn combine(kind: Kind, answers: &[Answer<Reply>], valid: bool) -> Opt
     })
 }
 
-fn granted_by_majority(kind: Kind, granted: &[(usize, &Reply)], quorum: usize) -> Verdict {
-    let fresh = granted.iter().any(|(_, r)| r.code != code::RENEWED);
-    if !fresh {
-        // The holder's own lease, renewed: its token was made durable when it was granted. The
-        // servers may differ by a minority (a grant that answered late, a clock a millisecond
-        // ahead): report the token a majority of them vouches for, and change none.
-        let mut tokens: Vec<u64> = granted.iter().map(|(_, r)| r.token).collect();
-        tokens.sort_unstable_by(|a, b| b.cmp(a));
-        return Verdict {
-            outcome: Ok(Outcome::Leading {
-                token: FencingToken(tokens[quorum - 1]),
-            }),
-            release: Vec::new(),
-            raise: Vec::new(),
-            change: Some(ChangeCause::Renewed),
-            late: Late::Ignore,
-        };
+/// The token at least `quorum` of the grants hold exactly, if any.
+fn agreed_token(granted: &[(usize, &Reply)], quorum: usize) -> Option<FencingToken> {
+    granted
+        .iter()
+        .map(|(_, r)| r.token)
+        .find(|token| granted.iter().filter(|(_, r)| r.token == *token).count() >= quorum)
+        .map(FencingToken)
+}
+
+fn renewed(token: FencingToken) -> Verdict {
+    Verdict {
+        outcome: Ok(Outcome::Leading { token }),
+        release: Vec::new(),
+        align: Vec::new(),
+        change: Some(ChangeCause::Renewed),
+        late: Late::Ignore,
     }
+}
+
+fn granted_by_majority(kind: Kind, granted: &[(usize, &Reply)]) -> Verdict {
     // A new lease: the highest token granted (above every token any earlier majority vouched
     // for, as this majority shares a server with it), made durable on a majority.
     let token = granted
@@ -326,16 +349,14 @@ fn granted_by_majority(kind: Kind, granted: &[(usize, &Reply)], quorum: usize) -
         .map(|(_, r)| r.token)
         .max()
         .unwrap_or_default();
-    let at_max = granted.iter().filter(|(_, r)| r.token == token).count();
-    let raise = if at_max >= quorum {
-        Vec::new()
-    } else {
-        granted
-            .iter()
-            .filter(|(_, r)| r.token < token)
-            .map(|(i, _)| *i)
-            .collect()
-    };
+    // Every granting server that answered with another token (a clock a millisecond behind or
+    // ahead) is aligned to it before it is reported: then a majority holds exactly this token, and
+    // the holder's renewals find them agreeing.
+    let align = granted
+        .iter()
+        .filter(|(_, r)| r.token != token)
+        .map(|(i, _)| *i)
+        .collect();
     let token = FencingToken(token);
     let (outcome, change) = match kind {
         Kind::Handover => (Outcome::HandedOver { token }, ChangeCause::HandedOver),
@@ -344,9 +365,9 @@ fn granted_by_majority(kind: Kind, granted: &[(usize, &Reply)], quorum: usize) -
     Verdict {
         outcome: Ok(outcome),
         release: Vec::new(),
-        raise,
+        align,
         change: Some(change),
-        late: Late::Raise(token),
+        late: Late::Align(token),
     }
 }
 
@@ -356,7 +377,7 @@ fn resign(tally: &Tally<'_>) -> Option<Verdict> {
     let verdict = |outcome, change| Verdict {
         outcome,
         release: Vec::new(),
-        raise: Vec::new(),
+        align: Vec::new(),
         change,
         late: Late::Ignore,
     };
@@ -478,12 +499,12 @@ mod tests {
         let v = decided(Kind::Campaign, &[ok(6, "a", 4), ok(6, "a", 4), down()]);
         assert_eq!(v.outcome, leading(4));
         assert_eq!(
-            (v.release, v.raise, v.change, v.late),
+            (v.release, v.align, v.change, v.late),
             (
                 vec![],
                 vec![],
                 Some(ChangeCause::Elected),
-                Late::Raise(FencingToken(4))
+                Late::Align(FencingToken(4))
             )
         );
     }
@@ -511,6 +532,25 @@ mod tests {
             combine(Kind::Campaign, &[ok(2, "b", 4), down(), None], true),
             None
         );
+    }
+
+    #[test]
+    fn a_lost_command_waits_for_the_answer_that_tells_who_holds_the_lease() {
+        // Two answers name different holders (one server has not run an earlier command yet).
+        assert_eq!(
+            combine(Kind::Extend, &[ok(5, "a", 3), ok(5, "", 3), None], true),
+            None
+        );
+        let v = decided(Kind::Extend, &[ok(5, "a", 3), ok(5, "", 3), ok(5, "a", 3)]);
+        assert_eq!(
+            v.outcome,
+            Ok(Outcome::NotHolder {
+                holder: Some(Name::parse("t", "a").unwrap())
+            })
+        );
+        // Without it, the majority's answer: nobody holds a majority.
+        let v = decided(Kind::Extend, &[ok(5, "a", 3), ok(5, "", 3), down()]);
+        assert_eq!(v.outcome, Ok(Outcome::NotHolder { holder: None }));
     }
 
     #[test]
@@ -584,7 +624,7 @@ mod tests {
     }
 
     #[test]
-    fn diverged_tokens_are_raised_on_the_granting_servers_before_being_reported() {
+    fn diverged_tokens_are_aligned_on_the_granting_servers_before_being_reported() {
         // Server 0 saw more elections (e.g. it was the only one up for a while).
         let v = decided(
             Kind::Campaign,
@@ -592,7 +632,7 @@ mod tests {
         );
         assert_eq!(v.outcome, leading(9));
         assert_eq!(
-            v.raise,
+            v.align,
             [1],
             "9 must reach a majority before it is reported"
         );
@@ -600,7 +640,7 @@ mod tests {
             Kind::Campaign,
             &[ok(6, "a", 9), ok(6, "a", 9), ok(6, "a", 4)],
         );
-        assert_eq!(v.raise, Vec::<usize>::new(), "already on a majority");
+        assert_eq!(v.align, [2], "every grant ends with the same token");
     }
 
     #[test]
@@ -608,15 +648,33 @@ mod tests {
         let v = decided(Kind::Extend, &[ok(1, "a", 5), ok(1, "a", 5), down()]);
         assert_eq!(v.outcome, leading(5));
         assert_eq!(v.change, Some(ChangeCause::Renewed));
-        // One server granted a millisecond later, so from a higher clock: the renewal still
-        // reports the lease's token, and raises nothing.
-        let v = decided(Kind::Campaign, &[ok(1, "a", 5), ok(1, "a", 6), None]);
-        assert_eq!((v.outcome, v.raise), (leading(5), vec![]));
+        // One server lags (a late grant not aligned yet): the last answer tips it.
+        assert_eq!(
+            combine(Kind::Campaign, &[ok(1, "a", 5), ok(1, "a", 6), None], true),
+            None
+        );
         let v = decided(
             Kind::Campaign,
             &[ok(1, "a", 6), ok(1, "a", 5), ok(1, "a", 5)],
         );
-        assert_eq!(v.outcome, leading(5));
+        assert_eq!((v.outcome, v.align), (leading(5), vec![]));
+        let v = decided(
+            Kind::Campaign,
+            &[ok(1, "a", 4), ok(1, "a", 5), ok(1, "a", 5)],
+        );
+        assert_eq!(
+            v.outcome,
+            leading(5),
+            "never a lower token than the lease's"
+        );
+        // Without it, the renewal cannot say which token is the lease's.
+        let v = decided(Kind::Campaign, &[ok(1, "a", 5), ok(1, "a", 6), down()]);
+        assert!(v.outcome.is_err());
+        assert_eq!(
+            v.release,
+            Vec::<usize>::new(),
+            "a renewal is never released"
+        );
     }
 
     #[test]
