@@ -498,8 +498,26 @@ impl Observer {
         Some(event)
     }
 
+    /// The store could not be read: keep the stream and look again soon, then less often.
+    fn read_failed(&mut self) {
+        let backoff = RECHECK_AFTER_FAILURE
+            .saturating_mul(1 << self.failures.min(5))
+            .min(MAX_RECHECK_AFTER_FAILURE);
+        self.failures += 1;
+        self.recheck = Instant::now() + backoff;
+    }
+
+    /// The store says changes may have been missed — typically because a subscription was just
+    /// made again, i.e. a server is back: if the read this calls for fails too (the other
+    /// connections are still coming back), look again soon rather than after the long backoff
+    /// the outage built up.
+    fn resync(&mut self) {
+        self.failures = 0;
+    }
+
     /// The state read from the store now: what it tells that the stream has not reported yet.
     fn read(&mut self, now: Leadership) -> Option<LeaderEvent> {
+        self.failures = 0;
         let version = now.version();
         let tracked = self.current.take();
         match (tracked, now.leader) {
@@ -570,7 +588,10 @@ fn observe(
                         false
                     }
                     // Changes may have been missed: read how things stand.
-                    Ok(StoreEvent::Resync) | Err(RecvError::Lagged(_)) => true,
+                    Ok(StoreEvent::Resync) | Err(RecvError::Lagged(_)) => {
+                        observer.resync();
+                        true
+                    }
                     Err(RecvError::Closed) => break,
                 },
                 // The term ran out unless it was renewed without us hearing, or it is time to
@@ -580,19 +601,13 @@ fn observe(
             if read_now {
                 match inner.store.leadership(&election).await {
                     Ok(now) => {
-                        observer.failures = 0;
                         if let Some(event) = observer.read(now) {
                             yield event;
                         }
                     }
-                    // The store is unavailable: keep the stream, look again soon, then less often.
                     Err(err) => {
                         tracing::debug!(%election, error = %err, "Observe cannot read the election");
-                        let backoff = RECHECK_AFTER_FAILURE
-                            .saturating_mul(1 << observer.failures.min(5))
-                            .min(MAX_RECHECK_AFTER_FAILURE);
-                        observer.failures += 1;
-                        observer.recheck = Instant::now() + backoff;
+                        observer.read_failed();
                     }
                 }
             }
@@ -823,6 +838,31 @@ mod tests {
         );
         assert!(o.recheck > Instant::now() + Duration::from_secs(50));
         assert_eq!(summary(o.read(leading("z", 6))), None, "nothing newer");
+    }
+
+    #[tokio::test]
+    async fn an_observer_backs_off_while_the_store_is_down_and_looks_again_soon_once_it_is_back() {
+        let mut o = observer();
+        let soon = |o: &Observer| o.recheck.saturating_duration_since(Instant::now());
+        o.read_failed();
+        assert!(soon(&o) <= RECHECK_AFTER_FAILURE);
+        for _ in 0..10 {
+            o.read_failed();
+        }
+        assert!(soon(&o) > MAX_RECHECK_AFTER_FAILURE / 2, "backs off");
+        assert!(soon(&o) <= MAX_RECHECK_AFTER_FAILURE, "bounded");
+        // A subscription was made again: the read it calls for may still fail while the other
+        // connections come back, and then the stream looks again within the first backoff.
+        o.resync();
+        o.read_failed();
+        assert!(soon(&o) <= RECHECK_AFTER_FAILURE);
+        o.read_failed();
+        o.read(nobody(1));
+        o.read_failed();
+        assert!(
+            soon(&o) <= RECHECK_AFTER_FAILURE,
+            "a good read ends the backoff"
+        );
     }
 
     #[tokio::test]

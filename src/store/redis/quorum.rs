@@ -295,24 +295,26 @@ pub(crate) fn combine(kind: Kind, answers: &[Answer<Reply>], valid: bool) -> Opt
                     .max_by_key(|r| tally.votes(&r.leader, &[code::FOLLOWING]))
                     .map(|r| r.leader.as_str())
             });
-            match holder {
-                Some(leader) => failed(name(leader).map(|leader| {
-                    Outcome::Following {
-                        token: FencingToken(
-                            tally
-                                .replies()
-                                .filter(|r| {
-                                    r.code == code::FOLLOWING && r.leader == leader.as_str()
-                                })
-                                .map(|r| r.token)
-                                .max()
-                                .unwrap_or_default(),
-                        ),
-                        leader,
-                    }
-                })),
-                None => failed(Err(tally.unavailable())),
+            let Some(leader) = holder else {
+                return Some(failed(Err(tally.unavailable())));
+            };
+            // The holder's token as a majority of its servers hold it: servers that disagree (a
+            // late grant whose alignment is on its way) leave it to the last answer, and
+            // without one the lower token is the one a majority vouches for.
+            let mut tokens: Vec<u64> = tally
+                .replies()
+                .filter(|r| r.code == code::FOLLOWING && r.leader == leader)
+                .map(|r| r.token)
+                .collect();
+            tokens.sort_unstable_by(|a, b| b.cmp(a));
+            if tally.pending > 0 && tokens.first() != tokens.last() {
+                return None;
             }
+            let token = tokens[quorum.min(tokens.len()) - 1];
+            failed(name(leader).map(|leader| Outcome::Following {
+                leader,
+                token: FencingToken(token),
+            }))
         }
         Kind::Extend => failed(match tally.majority_holder(&[code::NOT_HOLDER]) {
             Some(leader) => name(leader).map(|h| Outcome::NotHolder { holder: Some(h) }),
@@ -415,11 +417,24 @@ pub(crate) fn combine_leader(answers: &[Answer<Reply>]) -> Option<Result<Leaders
     let quorum = tally.quorum;
     let token = tally.durable_token();
     if let Some(leader) = tally.majority_holder(&[0]) {
-        let mut ttls: Vec<u64> = tally
-            .replies()
-            .filter(|r| r.leader == leader)
-            .map(|r| r.ttl_ms)
+        let holding: Vec<(usize, &Reply)> = tally
+            .answered
+            .iter()
+            .copied()
+            .filter(|(_, r)| r.leader == leader)
             .collect();
+        // The lease's token is the one a majority of its servers hold exactly (it was aligned on
+        // them before it was reported). Servers that disagree — a late grant whose alignment is
+        // still on its way — leave it to the last answer; without one the read cannot tell.
+        let Some(token) = agreed_token(&holding, quorum) else {
+            if tally.pending > 0 {
+                return None;
+            }
+            return Some(Err(StoreError::Unavailable(
+                "the Redis servers that name the leader disagree on its fencing token".into(),
+            )));
+        };
+        let mut ttls: Vec<u64> = holding.iter().map(|(_, r)| r.ttl_ms).collect();
         ttls.sort_unstable_by(|a, b| b.cmp(a));
         return Some(name(leader).map(|leader| Leadership {
             leader: Some(LeaderInfo {
@@ -608,6 +623,33 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_campaign_reports_the_token_a_majority_of_the_holders_servers_hold() {
+        // The third server's grant (a clock 2 ms later) is not aligned yet.
+        assert_eq!(
+            combine(
+                Kind::Campaign,
+                &[ok(2, "a", 617), None, ok(2, "a", 615)],
+                true
+            ),
+            None,
+            "the last answer tells"
+        );
+        let following = |token| {
+            Ok(Outcome::Following {
+                leader: Name::parse("t", "a").unwrap(),
+                token: FencingToken(token),
+            })
+        };
+        let v = decided(
+            Kind::Campaign,
+            &[ok(2, "a", 617), ok(2, "a", 615), ok(2, "a", 615)],
+        );
+        assert_eq!(v.outcome, following(615));
+        let v = decided(Kind::Campaign, &[ok(2, "a", 617), down(), ok(2, "a", 615)]);
+        assert_eq!(v.outcome, following(615));
+    }
+
+    #[test]
     fn a_lost_campaign_names_the_majority_holder_and_releases_minority_grants() {
         let v = decided(
             Kind::Campaign,
@@ -617,8 +659,9 @@ mod tests {
             v.outcome,
             Ok(Outcome::Following {
                 leader: Name::parse("t", "b").unwrap(),
-                token: FencingToken(4)
-            })
+                token: FencingToken(3)
+            }),
+            "b's servers diverged (an alignment that failed): the token both vouch for"
         );
         assert_eq!(v.release, [0]);
     }
@@ -770,12 +813,28 @@ mod tests {
 
     #[test]
     fn reads_report_only_a_token_a_majority_vouches_for() {
-        // Server 0 holds a token the others never got (a raise that reached only it).
+        // Server 0 holds a token the others never got (a grant not aligned yet).
         let info = read(&[live("a", 9, 900), live("a", 4, 900), live("a", 4, 900)])
             .unwrap()
             .leader
             .unwrap();
         assert_eq!(info.token, FencingToken(4));
+        // Two answers that disagree on the leader's token: the third tells which one a
+        // majority holds; without it the read cannot tell (and is made again).
+        assert_eq!(
+            combine_leader(&[live("a", 807, 900), None, live("a", 806, 900)]),
+            None
+        );
+        let info = read(&[
+            live("a", 807, 900),
+            live("a", 807, 900),
+            live("a", 806, 900),
+        ])
+        .unwrap()
+        .leader
+        .unwrap();
+        assert_eq!(info.token, FencingToken(807));
+        assert!(read(&[live("a", 807, 900), down(), live("a", 806, 900)]).is_err());
         let nobody = read(&[live("", 9, 0), live("", 4, 0), live("", 4, 0)]).unwrap();
         assert_eq!(nobody.token, FencingToken(4));
     }
