@@ -36,7 +36,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{StreamExt, future::join_all};
+use futures::{StreamExt, future::join_all, stream::FuturesUnordered};
 use prometheus::IntGauge;
 use tokio::{sync::broadcast, task::JoinHandle};
 
@@ -204,39 +204,78 @@ fn command_parts(command: &Command) -> (Kind, &'static str, &Name, Option<Durati
     }
 }
 
-/// Finishes in the background what a decided command leaves to do: releases the new leases of a
-/// failed command (`release`, and late grants), or aligns late grants of a new lease to its token.
-fn settle_late<F>(
-    shared: Arc<Shared>,
-    args: Arc<LeaseArgs>,
+/// Finishes what a decided command leaves to do: releases the new leases of a failed command
+/// (`release`, and late grants), or aligns late grants of a new lease to its token.
+///
+/// The follow-up for a server that has not answered is sent at once, not when its answer comes:
+/// queued on the same connection right behind the command, it runs there right after it, before
+/// any later command of this agent (such as the holder's next renewal) can find a grant not yet
+/// aligned or released. Both scripts act only on that command's own grant, so they are harmless
+/// where it granted nothing. A late answer that still shows a grant to settle (its command was
+/// retried after NOSCRIPT, behind the follow-up) is settled again when it arrives.
+async fn settle_late<F>(
+    shared: &Arc<Shared>,
+    args: &Arc<LeaseArgs>,
     release: Vec<usize>,
     late: Late,
+    answers: &[Answer<Reply>],
     stragglers: Stragglers<F>,
 ) where
     F: Future<Output = (usize, Result<Reply, StoreError>)> + Send + 'static,
 {
     let stragglers = stragglers.filter(|s| late != Late::Ignore && !s.is_empty());
-    if release.is_empty() && stragglers.is_none() {
+    let unanswered = answers
+        .iter()
+        .enumerate()
+        .filter(|(_, answer)| stragglers.is_some() && !matches!(answer, Some(Ok(_))))
+        .map(|(i, _)| i);
+    let follow_ups: FuturesUnordered<_> = release
+        .iter()
+        .map(|&i| (i, Late::Release))
+        .chain(unanswered.map(|i| (i, late)))
+        .map(|(i, late)| {
+            let (shared, args) = (shared.clone(), args.clone());
+            async move {
+                let (key, id) = (args.key.as_str(), args.id);
+                match late {
+                    Late::Release => shared.on_servers(&[i], &RELEASE, key, (id,)).await,
+                    Late::Align(token) => _ = shared.align(&[i], key, id, token).await,
+                    Late::Ignore => {}
+                }
+            }
+        })
+        .collect();
+    if follow_ups.is_empty() && stragglers.is_none() {
         return;
     }
+    // Polled once here, so each follow-up is queued on its connection before the outcome is
+    // reported; the rest runs in the background.
+    let mut follow_ups = follow_ups;
+    while let std::task::Poll::Ready(Some(())) = futures::poll!(follow_ups.next()) {}
+    let shared = shared.clone();
+    let args = args.clone();
     tokio::spawn(async move {
         let (key, id) = (args.key.as_str(), args.id);
-        shared.on_servers(&release, &RELEASE, key, (id,)).await;
-        let Some(mut stragglers) = stragglers else {
-            return;
-        };
-        while let Some((i, answer)) = stragglers.next().await {
-            let Ok(reply) = answer else { continue };
-            match late {
-                Late::Release if quorum::is_new_lease(reply.code) => {
-                    shared.on_servers(&[i], &RELEASE, key, (id,)).await;
+        let late_answers = async {
+            let Some(mut stragglers) = stragglers else {
+                return;
+            };
+            while let Some((i, answer)) = stragglers.next().await {
+                let Ok(reply) = answer else { continue };
+                match late {
+                    Late::Release if quorum::is_new_lease(reply.code) => {
+                        shared.on_servers(&[i], &RELEASE, key, (id,)).await;
+                    }
+                    Late::Align(token)
+                        if quorum::is_grant(reply.code) && reply.token != token.0 =>
+                    {
+                        shared.align(&[i], key, id, token).await;
+                    }
+                    _ => {}
                 }
-                Late::Align(token) if quorum::is_grant(reply.code) && reply.token != token.0 => {
-                    shared.align(&[i], key, id, token).await;
-                }
-                _ => {}
             }
-        }
+        };
+        futures::join!(follow_ups.collect::<()>(), late_answers);
     });
 }
 
@@ -329,7 +368,15 @@ impl LeaseStore for RedisStore {
                 late = Late::Release;
             }
         }
-        settle_late(shared.clone(), args, release, late, gathered.stragglers);
+        settle_late(
+            shared,
+            &args,
+            release,
+            late,
+            &gathered.answers,
+            gathered.stragglers,
+        )
+        .await;
 
         if let (Some(cause), Ok(result), false) = (change, &outcome, announced_by_server)
             && cause != ChangeCause::Renewed

@@ -29,6 +29,9 @@ pub(crate) struct Script {
     name: &'static str,
     text: &'static str,
     sha: OnceLock<String>,
+    /// Always sent with its text (EVAL), never by SHA: it must run on a server in the order it
+    /// was sent there, which a retry after NOSCRIPT would break.
+    in_order: bool,
 }
 
 impl Script {
@@ -37,6 +40,18 @@ impl Script {
             name,
             text,
             sha: OnceLock::new(),
+            in_order: false,
+        }
+    }
+
+    /// A script that runs in the order it was sent; see [`Script::in_order`]. For small scripts
+    /// called rarely: its text goes with every call.
+    pub(crate) const fn in_order(name: &'static str, text: &'static str) -> Self {
+        Self {
+            name,
+            text,
+            sha: OnceLock::new(),
+            in_order: true,
         }
     }
 
@@ -50,10 +65,11 @@ impl Script {
 pub(crate) static LEASE: Script = Script::new("lease.lua", include_str!("lease.lua"));
 /// `leader.lua`: the live leader of one election.
 pub(crate) static LEADER: Script = Script::new("leader.lua", include_str!("leader.lua"));
-/// `align.lua`: sets a granted lease's token to the one reported (Redlock).
-pub(crate) static ALIGN: Script = Script::new("align.lua", include_str!("align.lua"));
-/// `release.lua`: undoes a partial grant (Redlock).
-pub(crate) static RELEASE: Script = Script::new("release.lua", include_str!("release.lua"));
+/// `align.lua`: sets a granted lease's token to the one reported (Redlock). Queued behind the
+/// grant on a server that has not answered, it must run right after it.
+pub(crate) static ALIGN: Script = Script::in_order("align.lua", include_str!("align.lua"));
+/// `release.lua`: undoes a partial grant (Redlock); in order, as `align.lua`.
+pub(crate) static RELEASE: Script = Script::in_order("release.lua", include_str!("release.lua"));
 
 /// A client, and where writes must be acknowledged by replicas its group commit.
 #[derive(Clone)]
@@ -407,6 +423,9 @@ async fn run<R: DeserializeOwned>(
     key: &str,
     args: impl Serialize + Clone,
 ) -> Result<R, rustis::Error> {
+    if script.in_order {
+        return client.eval::<R>(script.text, key, args).await;
+    }
     if let Some(sha) = script.sha.get() {
         match client.evalsha::<R>(sha.as_str(), key, args.clone()).await {
             Err(err) if is_no_script(&err) => {}

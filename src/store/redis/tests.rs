@@ -554,6 +554,44 @@ async fn the_futures_of_a_command_stay_small() {
     );
 }
 
+/// A Redlock server that answers late (here 30 ms each way) grants a new lease a token of its own
+/// — its clock reads later — and the grant is aligned to the reported token. That alignment must
+/// reach it before the holder's next command does: with another server hung, the renewal counts
+/// on the two left agreeing. (Before, it was sent only once the late answer came back, and the
+/// renewal, sent right after the campaign was answered, overtook it.)
+#[tokio::test]
+async fn a_late_grant_is_aligned_before_the_holders_next_command_reaches_its_server() {
+    use crate::store::faults::{Fault, FaultProxy};
+    let servers = start_many(3).await;
+    let proxies =
+        futures::future::join_all(servers.iter().map(|s| FaultProxy::start(s.port()))).await;
+    let urls = proxies.iter().map(FaultProxy::url).collect();
+    let (store, _) = store(&store_config(StoreMode::Single, urls, ""));
+    let extend = Command::Extend {
+        leader: name("a"),
+        term: Term::from_millis(10_000),
+    };
+    for round in 0..5 {
+        // Connected, and every script loaded everywhere, before the fault.
+        let warm_up = key(&format!("warm-up-{round}"));
+        leading_token(&store, &warm_up, campaign("a")).await;
+        leading_token(&store, &warm_up, extend.clone()).await;
+        proxies[2].set(Fault::Latency(Duration::from_millis(30)));
+
+        let election = key(&format!("late-grant-{round}"));
+        let token = leading_token(&store, &election, campaign("a")).await;
+        proxies[0].set(Fault::Blackhole);
+        assert_eq!(
+            leading_token(&store, &election, extend.clone()).await,
+            token,
+            "the two servers left agree on the token reported"
+        );
+        for proxy in &proxies {
+            proxy.set(Fault::None);
+        }
+    }
+}
+
 /// Finding 2 of the safety review: leader `a` holds a 30 s term; two of three servers hang; `a`'s
 /// Extend with a 2 s term fails — and must not shorten anything. Before, the failure path released
 /// the renewal that reached the one live server, and the hung servers applied the 2 s renewal when
