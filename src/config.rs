@@ -542,11 +542,38 @@ impl Values {
                 ),
             ));
         }
+        // A setting the chosen mode would ignore is a mistake, not a preference: a Redis URL next
+        // to `memory` (say, a file's mode under an environment's URLs) would otherwise run a
+        // store of its own in each replica, silently.
+        let mode_given = || {
+            let (value, origin) = self.raw("EA_REDIS_MODE");
+            format!("EA_REDIS_MODE={value} ({origin})")
+        };
+        if mode == StoreMode::Memory && !urls.is_empty() {
+            return Err(self.conflict(
+                "EA_REDIS_URLS",
+                format!(
+                    "{} keeps leases in this agent and uses no Redis: remove EA_REDIS_URLS, or \
+                     set EA_REDIS_MODE to single, failover, cluster or sharding",
+                    mode_given()
+                ),
+            ));
+        }
         let master = self.get("EA_REDIS_MASTER", |v| Ok(v.to_owned()))?;
         if mode == StoreMode::Failover && master.is_empty() {
             return Err(self.conflict(
                 "EA_REDIS_MASTER",
                 "EA_REDIS_MODE=failover needs the Sentinel master's name".into(),
+            ));
+        }
+        if mode != StoreMode::Failover && !master.is_empty() {
+            return Err(self.conflict(
+                "EA_REDIS_MASTER",
+                format!(
+                    "only failover (Sentinel) mode uses a master's name, not {}: remove it or \
+                     set EA_REDIS_MODE=failover",
+                    mode_given()
+                ),
             ));
         }
         let operation_timeout = self.get("EA_REDIS_OPERATION_TIMEOUT", positive_duration)?;
@@ -825,6 +852,37 @@ mod tests {
             "EA_REDIS_MASTER",
         );
         refused(&[("EA_HTTP_ENABLE", "false")], "EA_METRIC_ENABLE");
+        refused(
+            &[("EA_REDIS_MASTER", "mymaster"), ("EA_REDIS_URLS", "redis://r:6379")],
+            "EA_REDIS_MASTER",
+        );
+    }
+
+    /// The trap of the review: `--config config/local.yaml` (mode `memory`) with `EA_REDIS_URLS`
+    /// in the environment ran the memory store, silently.
+    #[test]
+    fn redis_urls_next_to_the_memory_mode_stop_start_up_naming_both() {
+        let err = Sources::default()
+            .file("local.yaml", "redis:\n  mode: memory\n")
+            .environment(env(&[("EA_REDIS_URLS", "redis://r:6379")]))
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid configuration: EA_REDIS_URLS=\"redis://r:6379\" (from the environment): "),
+            "{err}"
+        );
+        assert!(
+            err.contains("EA_REDIS_MODE=memory (from local.yaml)"),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "{err}");
+        // Without a mode, URLs choose single mode, and without URLs the memory store runs.
+        let urls = Sources::default()
+            .environment(env(&[("EA_REDIS_URLS", "redis://r:6379")]))
+            .resolve()
+            .unwrap();
+        assert_eq!(urls.store.mode, StoreMode::Single);
     }
 
     #[test]
