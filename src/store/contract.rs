@@ -85,6 +85,7 @@ pub(crate) async fn run<S: LeaseStore>(store: &S) {
     campaign_extend_resign_handover(store, &key(&run, "main")).await;
     expiry(store, &key(&run, "expiry")).await;
     listing_and_kinds(store, &run).await;
+    kinds_and_names_that_read_alike_are_separate_elections(store, &run).await;
     changes_are_announced(store, &key(&run, "observed")).await;
 }
 
@@ -256,6 +257,50 @@ async fn listing_and_kinds<S: LeaseStore>(store: &S, run: &str) {
         leader_of(store, &key(&other_kind, "a")).await.map(|l| l.0),
         Some("other".into()),
         "the same election name in another kind is another election"
+    );
+}
+
+/// Kinds and names may both contain `/`: kind `team` with election `b/c` and kind `team/b` with
+/// election `c` are two elections, and a kind's listing never shows another kind's, even one
+/// whose name starts with it.
+async fn kinds_and_names_that_read_alike_are_separate_elections<S: LeaseStore>(
+    store: &S,
+    run: &str,
+) {
+    let team = format!("{run}-team");
+    let (alice, bob) = (key(&team, "b/c"), key(&format!("{team}/b"), "c"));
+    let alice_token = leading(store, &alice, campaign("alice", LONG)).await;
+    leading(store, &bob, campaign("bob", LONG)).await;
+    assert_eq!(
+        store.execute(&bob, resign("bob")).await.unwrap(),
+        Outcome::Resigned
+    );
+    assert_eq!(
+        leader_of(store, &alice).await,
+        Some(("alice".into(), alice_token.0)),
+        "resigning one leaves the other"
+    );
+    assert_eq!(leader_of(store, &bob).await, None);
+
+    let t2 = format!("{run}-t2");
+    leading(store, &key(&t2, "x/y"), campaign("t2-leader", LONG)).await;
+    leading(store, &key(&format!("{t2}/x"), "y"), campaign("t2x-leader", LONG)).await;
+    let listed = |kind: String| async move {
+        store
+            .leaders(&name(&kind))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(election, info)| (election.to_string(), info.leader.to_string()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        listed(t2.clone()).await,
+        [("x/y".into(), "t2-leader".into())]
+    );
+    assert_eq!(
+        listed(format!("{t2}/x")).await,
+        [("y".into(), "t2x-leader".into())]
     );
 }
 

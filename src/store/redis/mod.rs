@@ -122,10 +122,24 @@ impl RedisStore {
 }
 
 impl Shared {
+    /// The record of `election`: `[prefix]/lease/[kind]/[name]`, each `/` of the kind written
+    /// `%2F` (names never contain `%`), so the kind ends at the first `/` after `lease/` and no
+    /// two (kind, name) pairs share a key or a kind's listing prefix. A kind without `/` keeps
+    /// the key the Go service and earlier releases used.
     fn key(&self, election: &ElectionKey) -> String {
         format!(
-            "{}/lease/{}/{}",
-            self.prefix, election.kind, election.election
+            "{}{}",
+            self.kind_prefix(&election.kind),
+            election.election
+        )
+    }
+
+    /// What every record key of `kind` starts with (and no other kind's does).
+    fn kind_prefix(&self, kind: &Name) -> String {
+        format!(
+            "{}/lease/{}/",
+            self.prefix,
+            kind.as_str().replace('/', "%2F")
         )
     }
 
@@ -417,8 +431,8 @@ impl LeaseStore for RedisStore {
 
     async fn leaders(&self, kind: &Name) -> Result<Vec<(Name, LeaderInfo)>, StoreError> {
         let shared = &self.shared;
-        // Kinds contain no glob character (see `Name`), so the pattern matches exactly one kind.
-        let prefix = format!("{}/lease/{kind}/", shared.prefix);
+        // Names contain no glob character (see `Name`), so the pattern matches exactly one kind.
+        let prefix = shared.kind_prefix(kind);
         let pattern = format!("{prefix}*");
         // Any majority of scans sees every election a majority holds a lease of.
         let scans = gather(
