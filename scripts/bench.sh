@@ -104,13 +104,14 @@ start_redis R1; start_redis R2; start_redis R3
 step "redis-benchmark: EVALSHA of the agent's campaign script (src/store/redis/lease.lua), $CLIENTS clients"
 SHA=$(redis-cli -p "$SINGLE" script load "$(cat src/store/redis/lease.lua)")
 # Same shape as the agent's call: one key [prefix]/lease/[kind]/[election], then command,
-# candidate, term, command id, the channel it announces changes on and the election's name. The
+# candidate, term, command id, the channel it announces changes on, the election's name and the
+# retention (1 day, the default). The
 # holder campaigns again (a renewal: the script's write path) on one of $CLIENTS elections; the
 # id is random (one call in $CLIENTS repeats the last id of its election and takes the cheaper
 # re-run path).
 redis-benchmark -p "$SINGLE" -c "$CLIENTS" -n "$REDIS_REQUESTS" -r "$CLIENTS" --csv \
   evalsha "$SHA" 1 "ela/lease/bench/redis-benchmark-__rand_int__" campaign holder 10000 \
-  "redis-benchmark:__rand_int__" ela/events "bench redis-benchmark" \
+  "redis-benchmark:__rand_int__" ela/events "bench redis-benchmark" 86400000 \
   >"$WORK/redis-benchmark.csv"
 REDIS_RPS=$(awk -F'"' 'NR == 2 { printf "%d", $4 }' "$WORK/redis-benchmark.csv")
 echo "    redis-benchmark EVALSHA: $REDIS_RPS requests/s" >&2

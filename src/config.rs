@@ -103,9 +103,15 @@ settings! {
         "shortest term a request may ask for";
     "EA_LEASE_MAX_TERM" => "lease.max_term" = "1d",
         "longest term a request may ask for";
+    "EA_LEASE_RETENTION" => "lease.retention" = "1d",
+        "how long an election's record is kept after its lease ended, then removed (its fencing tokens still only increase); at least 1s";
     "EA_SHUTDOWN_TIMEOUT" => "shutdown_timeout" = "8s",
         "how long SIGTERM waits for in-flight requests before exiting";
 }
+
+/// Shortest retention of an ended lease's record: tokens of a new record start at the clock
+/// in milliseconds, above every token of a record removed at least this long ago.
+const MIN_RETENTION: Duration = Duration::from_secs(1);
 
 /// Most replicas `EA_REDIS_REPLICA_ACKS` may require.
 const MAX_REPLICA_ACKS: usize = 16;
@@ -249,6 +255,8 @@ pub struct StoreConfig {
     pub replica_acks: usize,
     /// Key prefix.
     pub key_prefix: String,
+    /// How long a record is kept after its lease ended.
+    pub retention: Duration,
 }
 
 /// The agent's whole configuration, validated.
@@ -628,6 +636,7 @@ impl Values {
                 server_timeout,
                 replica_acks,
                 key_prefix,
+                retention: self.get("EA_LEASE_RETENTION", retention)?,
             },
             terms: TermBounds { min, max },
             shutdown_timeout: self.get("EA_SHUTDOWN_TIMEOUT", positive_duration)?,
@@ -674,6 +683,12 @@ fn namespaces(value: &str) -> Result<Vec<String>, String> {
     } else {
         Err("expected comma-separated namespace names (lower-case letters, digits and '-')".into())
     }
+}
+
+fn retention(value: &str) -> Result<Duration, String> {
+    Some(duration(value)?)
+        .filter(|d| *d >= MIN_RETENTION)
+        .ok_or_else(|| "expected a duration of at least 1s such as 1h or 1d".into())
 }
 
 fn duration(value: &str) -> Result<Duration, String> {
@@ -853,7 +868,10 @@ mod tests {
         );
         refused(&[("EA_HTTP_ENABLE", "false")], "EA_METRIC_ENABLE");
         refused(
-            &[("EA_REDIS_MASTER", "mymaster"), ("EA_REDIS_URLS", "redis://r:6379")],
+            &[
+                ("EA_REDIS_MASTER", "mymaster"),
+                ("EA_REDIS_URLS", "redis://r:6379"),
+            ],
             "EA_REDIS_MASTER",
         );
     }
@@ -869,7 +887,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("invalid configuration: EA_REDIS_URLS=\"redis://r:6379\" (from the environment): "),
+            err.starts_with(
+                "invalid configuration: EA_REDIS_URLS=\"redis://r:6379\" (from the environment): "
+            ),
             "{err}"
         );
         assert!(

@@ -110,7 +110,9 @@ pub struct RunningAgent {
 /// Builds the store named by the configuration.
 fn store(config: &Config, metrics: &Metrics) -> Result<Store, ServerError> {
     match config.store.mode {
-        StoreMode::Memory => Ok(Store::Memory(MemoryStore::new())),
+        StoreMode::Memory => Ok(Store::Memory(MemoryStore::with_retention(
+            config.store.retention,
+        ))),
         StoreMode::Sharding => Err(ServerError::UnsupportedStore(StoreMode::Sharding.as_str())),
         StoreMode::Single | StoreMode::Failover | StoreMode::Cluster => Ok(Store::Redis(
             RedisStore::new(&config.store, metrics.disconnected_backends())?,

@@ -284,7 +284,12 @@ async fn kinds_and_names_that_read_alike_are_separate_elections<S: LeaseStore>(
 
     let t2 = format!("{run}-t2");
     leading(store, &key(&t2, "x/y"), campaign("t2-leader", LONG)).await;
-    leading(store, &key(&format!("{t2}/x"), "y"), campaign("t2x-leader", LONG)).await;
+    leading(
+        store,
+        &key(&format!("{t2}/x"), "y"),
+        campaign("t2x-leader", LONG),
+    )
+    .await;
     let listed = |kind: String| async move {
         store
             .leaders(&name(&kind))

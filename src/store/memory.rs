@@ -1,9 +1,15 @@
 //! The `memory` store: leases in this process, for a single replica, tests and the quick start.
 //!
 //! Time comes from the monotonic clock, so wall-clock jumps never lengthen or shorten a term.
-//! Records are kept after their lease ends, because the fencing token must keep increasing.
+//! A record is removed once its lease ended at least a retention period ago, so the store holds
+//! the elections in use, not every name ever sent. Fencing tokens still only increase: a new
+//! lease's token is above the highest token of every record removed so far.
 
-use std::{collections::HashMap, sync::Mutex, time::Instant};
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::broadcast;
 
@@ -15,41 +21,105 @@ use crate::lease::{
 
 /// How many changes an observer may fall behind before it resynchronises from the store.
 const CHANGE_BUFFER: usize = 1024;
+/// How often, at most, records are looked through for ones to remove.
+const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Leases held in memory; see the module documentation.
 pub struct MemoryStore {
     origin: Instant,
-    /// Records by kind, then by election, so listing a kind does not scan the others.
-    records: Mutex<HashMap<Name, HashMap<Name, LeaseRecord>>>,
+    /// How long a record is kept after its lease ended, in ms.
+    retention_ms: u64,
+    state: Mutex<State>,
     changes: broadcast::Sender<StoreEvent>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Records by kind, then by election, so listing a kind does not scan the others.
+    kinds: HashMap<Name, HashMap<Name, Entry>>,
+    /// The highest token of any record removed so far: new leases get a higher one.
+    retired: FencingToken,
+    /// When to look for records to remove next (ms since `origin`).
+    next_sweep: u64,
+}
+
+struct Entry {
+    record: LeaseRecord,
+    /// When the record last changed (ms since `origin`).
+    changed: u64,
+}
+
+impl Entry {
+    /// Whether the record's lease ended (or it never had one) at least `retention_ms` ago.
+    fn expired(&self, now: u64, retention_ms: u64) -> bool {
+        let ended = self
+            .record
+            .lease
+            .as_ref()
+            .map_or(self.changed, |lease| lease.expires_at.max(self.changed));
+        now >= ended.saturating_add(retention_ms)
+    }
 }
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        Self {
-            origin: Instant::now(),
-            records: Mutex::default(),
-            changes: broadcast::channel(CHANGE_BUFFER).0,
-        }
+        Self::with_retention(Duration::from_secs(86_400))
     }
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store keeping records a day after their lease ended.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store keeping records `retention` after their lease ended.
+    pub fn with_retention(retention: Duration) -> Self {
+        Self {
+            origin: Instant::now(),
+            retention_ms: u64::try_from(retention.as_millis()).unwrap_or(u64::MAX),
+            state: Mutex::default(),
+            changes: broadcast::channel(CHANGE_BUFFER).0,
+        }
     }
 
     fn now(&self) -> u64 {
         u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn records(&self) -> std::sync::MutexGuard<'_, HashMap<Name, HashMap<Name, LeaseRecord>>> {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // Nothing panics while holding the lock, and every write is a whole record: a poisoned
         // map is still consistent.
-        self.records
+        self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Removes the records whose lease ended a retention ago, now and then: at most every
+    /// half retention (and every minute), each sweep a pass over the records.
+    fn sweep(&self, state: &mut State, now: u64) {
+        if now < state.next_sweep {
+            return;
+        }
+        let interval = u64::try_from(MAX_SWEEP_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+        state.next_sweep = now + (self.retention_ms / 2).clamp(1, interval);
+        let State { kinds, retired, .. } = state;
+        kinds.retain(|_, elections| {
+            elections.retain(|_, entry| {
+                let remove = entry.expired(now, self.retention_ms);
+                if remove {
+                    *retired = (*retired).max(entry.record.token);
+                }
+                !remove
+            });
+            !elections.is_empty()
+        });
+    }
+
+    /// How many records the store holds (for tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.state().kinds.values().map(HashMap::len).sum()
     }
 }
 
@@ -60,17 +130,23 @@ impl LeaseStore for MemoryStore {
         command: Command,
     ) -> Result<Outcome, StoreError> {
         let now = self.now();
-        let mut records = self.records();
-        let record = records
+        let mut state = self.state();
+        self.sweep(&mut state, now);
+        let floor = FencingToken(state.retired.0 + 1);
+        let entry = state
+            .kinds
             .entry(election.kind.clone())
             .or_default()
             .entry(election.election.clone())
-            .or_default();
-        // Records are never lost or removed here, so the next number is always above every
-        // token issued: no clock is needed as a floor.
-        let decision = decide(record, &command, now, FencingToken(0));
+            .or_insert_with(|| Entry {
+                record: LeaseRecord::default(),
+                changed: now,
+            });
+        let decision = decide(&entry.record, &command, now, floor);
         if let Some(next) = decision.next {
-            let previous = std::mem::replace(record, next);
+            entry.changed = now;
+            let previous = std::mem::replace(&mut entry.record, next);
+            let record = &entry.record;
             if let Some(cause) = decision.change {
                 let leader = match cause {
                     ChangeCause::Resigned => previous.lease.map(|lease| LeaderInfo {
@@ -99,21 +175,23 @@ impl LeaseStore for MemoryStore {
     async fn leadership(&self, election: &ElectionKey) -> Result<Leadership, StoreError> {
         let now = self.now();
         Ok(self
-            .records()
+            .state()
+            .kinds
             .get(&election.kind)
             .and_then(|elections| elections.get(&election.election))
-            .map(|record| record.leadership(now))
+            .map(|entry| entry.record.leadership(now))
             .unwrap_or_default())
     }
 
     async fn leaders(&self, kind: &Name) -> Result<Vec<(Name, LeaderInfo)>, StoreError> {
         let now = self.now();
         let mut leaders: Vec<_> = self
-            .records()
+            .state()
+            .kinds
             .get(kind)
             .into_iter()
             .flatten()
-            .filter_map(|(election, record)| Some((election.clone(), record.leader(now)?)))
+            .filter_map(|(election, entry)| Some((election.clone(), entry.record.leader(now)?)))
             .collect();
         leaders.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         Ok(leaders)
@@ -135,5 +213,46 @@ mod tests {
     #[tokio::test]
     async fn memory_store_meets_the_lease_store_contract() {
         super::super::contract::run(&MemoryStore::new()).await;
+    }
+
+    /// Any client can send any number of election names: records of ended leases go after the
+    /// retention, and a name used again gets a token above the one it had.
+    #[tokio::test]
+    async fn records_of_ended_leases_are_removed_after_the_retention_and_tokens_still_rise() {
+        let store = MemoryStore::with_retention(Duration::from_millis(300));
+        let election = |i: usize| ElectionKey {
+            kind: Name::parse("t", "flood").unwrap(),
+            election: Name::parse("t", &format!("e{i}")).unwrap(),
+        };
+        let campaign = |term| Command::Campaign {
+            candidate: Name::parse("t", "c").unwrap(),
+            term: crate::lease::Term::from_millis(term),
+        };
+        let mut tokens = Vec::new();
+        for i in 0..1_000 {
+            match store.execute(&election(i), campaign(100)).await.unwrap() {
+                Outcome::Leading { token } => tokens.push(token),
+                other => panic!("{other:?}"),
+            }
+        }
+        let live = ElectionKey {
+            kind: Name::parse("t", "flood").unwrap(),
+            election: Name::parse("t", "live").unwrap(),
+        };
+        store.execute(&live, campaign(60_000)).await.unwrap();
+        assert_eq!(store.len(), 1_001);
+
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        // The next command sweeps: only the live lease's record is left.
+        let again = match store.execute(&election(7), campaign(100)).await.unwrap() {
+            Outcome::Leading { token } => token,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(store.len(), 2, "the live lease and the new one");
+        assert!(
+            again > *tokens.iter().max().unwrap(),
+            "{again:?} after {:?}",
+            tokens[7]
+        );
     }
 }

@@ -18,7 +18,7 @@
 use std::{
     collections::{HashMap, hash_map::Entry},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt;
@@ -36,13 +36,26 @@ const EVENT_BUFFER: usize = 1024;
 const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
 /// How often a subscription's connection must answer PING to be kept.
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long the version last passed on for an election is remembered after it was: longer than
+/// any copy or echo of a message takes to arrive. Forgetting it costs nothing else, as every
+/// Observe stream also drops what is not newer than what it reported.
+const REMEMBER_ANNOUNCED: Duration = Duration::from_secs(60);
 
 /// Tells this agent's listeners about changes, each once and in version order.
 pub(crate) struct Announcer {
     channel: Arc<str>,
     events: broadcast::Sender<StoreEvent>,
-    /// The version of the last change passed on, per election.
-    announced: Mutex<HashMap<ElectionKey, Version>>,
+    /// The version of the last change passed on, per election, and when.
+    announced: Mutex<Announced>,
+}
+
+/// What an [`Announcer`] remembers: elections changed within [`REMEMBER_ANNOUNCED`], so the map
+/// holds the elections in use, not every name ever announced.
+#[derive(Default)]
+struct Announced {
+    versions: HashMap<ElectionKey, (Version, Instant)>,
+    /// When to forget old entries next.
+    next_prune: Option<Instant>,
 }
 
 impl Announcer {
@@ -69,17 +82,24 @@ impl Announcer {
     /// for its election; says whether it was.
     pub(crate) fn announce(&self, change: LeaseChange) -> bool {
         let version = change.version();
+        let now = Instant::now();
         let mut announced = self
             .announced
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match announced.entry(change.election.clone()) {
-            Entry::Occupied(last) if *last.get() >= version => return false,
+        if announced.next_prune.is_none_or(|at| now >= at) {
+            announced.next_prune = Some(now + REMEMBER_ANNOUNCED / 6);
+            announced
+                .versions
+                .retain(|_, (_, at)| now.duration_since(*at) < REMEMBER_ANNOUNCED);
+        }
+        match announced.versions.entry(change.election.clone()) {
+            Entry::Occupied(last) if last.get().0 >= version => return false,
             Entry::Occupied(mut last) => {
-                last.insert(version);
+                last.insert((version, now));
             }
             Entry::Vacant(last) => {
-                last.insert(version);
+                last.insert((version, now));
             }
         }
         // Sent under the lock, so listeners hear changes in version order. An error only means
@@ -273,5 +293,28 @@ mod tests {
             versions.push(change.version().0);
         }
         assert_eq!(versions, [6, 7, 8]);
+    }
+
+    #[test]
+    fn elections_not_announced_for_a_while_are_forgotten() {
+        let announcer = Announcer::new("test");
+        assert!(announcer.announce(change(ChangeCause::Elected, 3)));
+        let long_ago = Instant::now() - REMEMBER_ANNOUNCED - Duration::from_secs(1);
+        {
+            let mut announced = announcer.announced.lock().unwrap();
+            for (_, at) in announced.versions.values_mut() {
+                *at = long_ago;
+            }
+            announced.next_prune = Some(long_ago);
+        }
+        let mut other = change(ChangeCause::Elected, 1);
+        other.election.election = Name::parse("test", "other").unwrap();
+        assert!(announcer.announce(other));
+        let announced = announcer.announced.lock().unwrap();
+        assert_eq!(
+            announced.versions.len(),
+            1,
+            "only the election just announced"
+        );
     }
 }

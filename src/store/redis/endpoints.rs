@@ -135,6 +135,7 @@ mod tests {
             server_timeout: Duration::from_millis(100),
             replica_acks: 1,
             key_prefix: "test".to_owned(),
+            retention: Duration::from_secs(86_400),
         }
     }
 

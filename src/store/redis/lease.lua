@@ -22,6 +22,11 @@
 --          announces what a majority decided); published here, with the change, so announcements
 --          are in the order the changes were made
 -- ARGV[6]  the election's kind and name, separated by a space (for the announcement)
+-- ARGV[7]  retention in milliseconds: every write sets the record to expire this long after its
+--          lease ends, so records of elections nobody uses any more are removed by Redis itself.
+--          A new record's first token is this server's clock in ms, above every token of a
+--          record removed at least a retention ago (tokens outrun the clock only by the grants
+--          made faster than one per millisecond).
 --
 -- Returns {outcome, leader, token, ttl_ms} (leader empty when nobody leads); outcome (quorum.rs
 -- `code`): 1 renewed, 2 following, 3 resigned, 4 handed over, 5 not holder, 6 elected.
@@ -35,6 +40,7 @@ local expires = tonumber(record[3]) or 0
 local live = holder ~= nil and now < expires
 
 local command, who, term, id = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local retention = tonumber(ARGV[7])
 local next_token = math.max(token + 1, now)
 
 if record[4] == id then
@@ -60,6 +66,7 @@ end
 
 local function grant(code, tok, expiry, done)
   redis.call('HSET', KEYS[1], 'h', who, 't', tok, 'e', expiry, 'i', id, 'o', done)
+  redis.call('PEXPIRE', KEYS[1], expiry - now + retention)
   if code == 6 then
     announce('elected', tok, term)
   elseif code == 4 then
@@ -95,6 +102,7 @@ elseif command == 'resign' then
   if live and holder == who then
     redis.call('HDEL', KEYS[1], 'h', 'e')
     redis.call('HSET', KEYS[1], 'i', id, 'o', 3)
+    redis.call('PEXPIRE', KEYS[1], retention)
     announce('resigned', token, 0)
     return {3, who, token, 0}
   elseif live then
@@ -104,6 +112,7 @@ elseif command == 'resign' then
   if holder == who then
     redis.call('HDEL', KEYS[1], 'h', 'e')
     redis.call('HSET', KEYS[1], 'i', id, 'o', 7)
+    redis.call('PEXPIRE', KEYS[1], retention)
   end
   return {3, '', token, 0}
 elseif command == 'handover' then

@@ -72,6 +72,8 @@ struct Shared {
     server_timeout: Duration,
     /// How long any one call to a server may take.
     operation_timeout: Duration,
+    /// How long a record is kept after its lease ended, in ms.
+    retention_ms: u64,
     /// This agent process's number in command ids: random, so that two commands on one election
     /// from different agent replicas (or restarts) carry the same id with a chance of 2^-32 even
     /// if their counters meet — and only the last command on a record is ever compared.
@@ -104,6 +106,7 @@ impl RedisStore {
             operation_timeout: config.operation_timeout,
             nodes,
             prefix: config.key_prefix.clone(),
+            retention_ms: u64::try_from(config.retention.as_millis()).unwrap_or(u64::MAX),
             announcer: Announcer::new(&config.key_prefix),
             agent: u64::from(fastrand::u32(..)),
             commands: AtomicU64::new(0),
@@ -127,11 +130,7 @@ impl Shared {
     /// two (kind, name) pairs share a key or a kind's listing prefix. A kind without `/` keeps
     /// the key the Go service and earlier releases used.
     fn key(&self, election: &ElectionKey) -> String {
-        format!(
-            "{}{}",
-            self.kind_prefix(&election.kind),
-            election.election
-        )
+        format!("{}{}", self.kind_prefix(&election.kind), election.election)
     }
 
     /// What every record key of `kind` starts with (and no other kind's does).
@@ -336,6 +335,7 @@ impl LeaseStore for RedisStore {
                                 a.id,
                                 &*a.channel,
                                 a.election.as_str(),
+                                shared.retention_ms,
                             ),
                             |(code, ..): &(u8, String, u64, u64)| quorum::may_have_written(*code),
                         )

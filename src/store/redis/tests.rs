@@ -29,6 +29,7 @@ fn store_config(mode: StoreMode, urls: Vec<String>, master: &str) -> StoreConfig
         server_timeout: SERVER_TIMEOUT,
         replica_acks: 1,
         key_prefix: "test".to_owned(),
+        retention: Duration::from_secs(86_400),
     }
 }
 
@@ -207,6 +208,72 @@ async fn redis_tokens_start_at_the_server_clock_so_a_lost_record_cannot_repeat_o
     tokio::time::sleep(Duration::from_millis(5)).await;
     let second = leading_token(&store, &key("clock"), campaign("b")).await;
     assert!(second > first, "{second} after {first}");
+}
+
+/// Any client can send any number of election names: Redis removes each record a retention after
+/// its lease ended (here 1 s; a day by default), and a name used again gets a token above the
+/// one it had. One server and Redlock (every server of which holds a copy).
+#[tokio::test]
+async fn records_of_ended_leases_leave_redis_after_the_retention_and_tokens_still_rise() {
+    use crate::store::servers::redis_cli;
+    let servers = start_many(3).await;
+    for urls in [&servers[..1], &servers[..]] {
+        let config = StoreConfig {
+            retention: Duration::from_secs(1),
+            ..store_config(
+                StoreMode::Single,
+                urls.iter().map(RedisServer::url).collect(),
+                "",
+            )
+        };
+        let (store, _) = store(&config);
+        let dbsize = || async {
+            let mut sizes = Vec::new();
+            for server in urls {
+                sizes.push(redis_cli(server.port(), &["DBSIZE"]).await.unwrap());
+            }
+            sizes
+        };
+        let empty = dbsize().await;
+        let elections = 2_000;
+        let mut tokens = Vec::new();
+        for chunk in (0..elections).collect::<Vec<_>>().chunks(20) {
+            let campaigns = chunk.iter().map(|i| {
+                let store = &store;
+                async move {
+                    let command = Command::Campaign {
+                        candidate: name("c"),
+                        term: Term::from_millis(1_000),
+                    };
+                    leading_token(store, &key(&format!("flood-{i}")), command).await
+                }
+            });
+            tokens.extend(futures::future::join_all(campaigns).await);
+        }
+        let full = dbsize().await;
+        assert!(
+            full.iter()
+                .all(|size| size.trim() == (elections).to_string()),
+            "{full:?}"
+        );
+        let started = Instant::now();
+        while dbsize().await != empty {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "{} servers: still {:?} keys",
+                urls.len(),
+                dbsize().await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!(
+            "{} server(s): {elections} records of 1 s leases gone {:?} after they were made",
+            urls.len(),
+            started.elapsed()
+        );
+        let again = leading_token(&store, &key("flood-7"), campaign("d")).await;
+        assert!(again > tokens[7], "{again} after {}", tokens[7]);
+    }
 }
 
 #[tokio::test]
@@ -937,7 +1004,7 @@ async fn a_command_run_again_answers_what_its_first_run_did() {
         node.write(
             &LEASE,
             key,
-            [operation, who, "10000", id, "", ""],
+            [operation, who, "10000", id, "", "", "86400000"],
             |_: &(u8, String, u64, u64)| true,
         )
         .await

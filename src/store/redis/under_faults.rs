@@ -111,6 +111,7 @@ impl Deployment {
             server_timeout: Duration::from_millis(100),
             replica_acks: 1,
             key_prefix: "faults".to_owned(),
+            retention: Duration::from_secs(86_400),
         }
     }
 
