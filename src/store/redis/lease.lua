@@ -13,6 +13,10 @@
 --            o  what that command did: 1 renewed, 3 resigned a live lease, 4 handed over to a
 --               new holder, 6 elected, 7 dropped the caller's own expired lease, 9 handed over
 --               to the live holder. Only 4 and 6 created a lease that release.lua may take back.
+-- KEYS[2]  the index of the kind's live leases, a sorted set of election names by expiry (ms on
+--          this server's clock) — absent in Cluster mode, where it is in another slot and the
+--          agent keeps it (index.lua). Entries of leases that ended are removed a few at a time
+--          here and by live.lua, never all at once.
 -- ARGV[1]  command: campaign | extend | resign | handover
 -- ARGV[2]  the candidate (campaign) or leader (extend, resign, handover)
 -- ARGV[3]  term in milliseconds (ignored by resign)
@@ -27,6 +31,7 @@
 --          A new record's first token is this server's clock in ms, above every token of a
 --          record removed at least a retention ago (tokens outrun the clock only by the grants
 --          made faster than one per millisecond).
+-- ARGV[8]  the election's name (the index's member)
 --
 -- Returns {outcome, leader, token, ttl_ms} (leader empty when nobody leads); outcome (quorum.rs
 -- `code`): 1 renewed, 2 following, 3 resigned, 4 handed over, 5 not holder, 6 elected.
@@ -64,9 +69,31 @@ local function announce(cause, tok, ttl)
   end
 end
 
+-- Keeps the kind's index: the election listed until `expiry` (removed when 0), a few entries of
+-- ended leases removed, and the index itself kept as long as its longest record.
+local function index(expiry)
+  local live = KEYS[2]
+  if not live then
+    return
+  end
+  local ended = redis.call('ZRANGEBYSCORE', live, '-inf', now, 'LIMIT', 0, 8)
+  if #ended > 0 then
+    redis.call('ZREM', live, unpack(ended))
+  end
+  if expiry > 0 then
+    redis.call('ZADD', live, expiry, ARGV[8])
+    if redis.call('PTTL', live) < expiry - now + retention then
+      redis.call('PEXPIRE', live, expiry - now + retention)
+    end
+  else
+    redis.call('ZREM', live, ARGV[8])
+  end
+end
+
 local function grant(code, tok, expiry, done)
   redis.call('HSET', KEYS[1], 'h', who, 't', tok, 'e', expiry, 'i', id, 'o', done)
   redis.call('PEXPIRE', KEYS[1], expiry - now + retention)
+  index(expiry)
   if code == 6 then
     announce('elected', tok, term)
   elseif code == 4 then
@@ -103,6 +130,7 @@ elseif command == 'resign' then
     redis.call('HDEL', KEYS[1], 'h', 'e')
     redis.call('HSET', KEYS[1], 'i', id, 'o', 3)
     redis.call('PEXPIRE', KEYS[1], retention)
+    index(0)
     announce('resigned', token, 0)
     return {3, who, token, 0}
   elseif live then
@@ -113,6 +141,7 @@ elseif command == 'resign' then
     redis.call('HDEL', KEYS[1], 'h', 'e')
     redis.call('HSET', KEYS[1], 'i', id, 'o', 7)
     redis.call('PEXPIRE', KEYS[1], retention)
+    index(0)
   end
   return {3, '', token, 0}
 elseif command == 'handover' then

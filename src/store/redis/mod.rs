@@ -44,7 +44,7 @@ pub use self::endpoints::EndpointError;
 use self::{
     announce::Announcer,
     fanout::{Stragglers, gather},
-    node::{ALIGN, LEADER, LEASE, Node, RELEASE},
+    node::{ALIGN, INDEX, LEADER, LEASE, LIVE, Node, RELEASE},
     quorum::{Answer, Kind, Late, Reply, Verdict, combine, combine_leader, majority_answered},
 };
 use super::{LeaseChange, LeaseStore, StoreError, StoreEvent};
@@ -142,6 +142,18 @@ impl Shared {
         )
     }
 
+    /// The index of `kind`'s live leases: `[prefix]/live/[kind]`, the kind written as in
+    /// [`key`](Self::key).
+    fn index_key(&self, kind: &Name) -> String {
+        format!("{}/live/{}", self.prefix, kind.as_str().replace('/', "%2F"))
+    }
+
+    /// Whether `lease.lua` keeps the index itself: everywhere but in a Cluster, where the index
+    /// is in another slot than the record.
+    fn indexes_in_script(&self) -> bool {
+        !self.nodes.iter().any(Node::is_cluster)
+    }
+
     /// A new command id: this agent's random number in the high half, a counter in the low one.
     fn command_id(&self) -> u64 {
         self.agent << 32 | (self.commands.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff)
@@ -166,11 +178,14 @@ impl Shared {
         key: &str,
         args: impl serde::Serialize + Clone,
     ) {
-        join_all(
-            servers
-                .iter()
-                .map(|&i| self.nodes[i].write(script, key, args.clone(), |_: &u64| true)),
-        )
+        join_all(servers.iter().map(|&i| {
+            self.nodes[i].write(
+                script,
+                std::slice::from_ref(&key),
+                args.clone(),
+                |_: &u64| true,
+            )
+        }))
         .await;
     }
 
@@ -179,11 +194,14 @@ impl Shared {
     async fn align(&self, servers: &[usize], key: &str, id: u64, token: FencingToken) -> usize {
         // Servers that just answered: bounded by the operation timeout only, as the first call
         // on a server also loads the script.
-        let aligned = join_all(
-            servers
-                .iter()
-                .map(|&i| self.nodes[i].write(&ALIGN, key, (id, token.0), |_: &u64| true)),
-        )
+        let aligned = join_all(servers.iter().map(|&i| {
+            self.nodes[i].write(
+                &ALIGN,
+                std::slice::from_ref(&key),
+                (id, token.0),
+                |_: &u64| true,
+            )
+        }))
         .await;
         aligned
             .iter()
@@ -192,9 +210,52 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Keeps the kind's index after a change in a Cluster (elsewhere `lease.lua` does): awaited
+    /// when the lease began or ended, so a listing right after the answer shows it; sent without
+    /// waiting for a renewal, which only moves the entry's expiry. A failure is left to the next
+    /// renewal.
+    async fn index_in_cluster(
+        self: &Arc<Self>,
+        args: &Arc<LeaseArgs>,
+        cause: ChangeCause,
+        term: Option<Duration>,
+    ) {
+        let ttl_ms = match cause {
+            ChangeCause::Resigned => 0,
+            _ => term.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        };
+        let (shared, args) = (self.clone(), args.clone());
+        let update = async move {
+            let node = &shared.nodes[0];
+            let result = node
+                .write(
+                    &INDEX,
+                    &[args.index.as_str()],
+                    (args.name.as_str(), ttl_ms, shared.retention_ms),
+                    |_: &u64| true,
+                )
+                .await;
+            if let Err(err) = result {
+                tracing::debug!(index = args.index, error = %err, "cannot update a kind's index");
+            }
+        };
+        match cause {
+            ChangeCause::Renewed => drop(tokio::spawn(update)),
+            _ => update.await,
+        }
+    }
+}
+
 /// What a command sends to `lease.lua`, shared by the calls of its fan-out.
 struct LeaseArgs {
     key: String,
+    /// The kind's index.
+    index: String,
+    /// Whether `lease.lua` keeps the index (not in a Cluster).
+    indexed: bool,
+    /// The election's name, the index's member.
+    name: Name,
     operation: &'static str,
     who: Name,
     term_ms: u64,
@@ -306,6 +367,9 @@ impl LeaseStore for RedisStore {
         let announced_by_server = servers == 1;
         let args = Arc::new(LeaseArgs {
             key: shared.key(election),
+            index: shared.index_key(&election.kind),
+            indexed: shared.indexes_in_script(),
+            name: election.election.clone(),
             operation,
             who: who.clone(),
             term_ms: term.map_or(0, |t| t.as_millis() as u64),
@@ -324,10 +388,12 @@ impl LeaseStore for RedisStore {
                 let (shared, args) = (shared.clone(), args.clone());
                 async move {
                     let a = &*args;
+                    let both = [a.key.as_str(), a.index.as_str()];
+                    let keys = if a.indexed { &both[..] } else { &both[..1] };
                     let reply = shared.nodes[i]
                         .write(
                             &LEASE,
-                            &a.key,
+                            keys,
                             (
                                 a.operation,
                                 a.who.as_str(),
@@ -336,6 +402,7 @@ impl LeaseStore for RedisStore {
                                 &*a.channel,
                                 a.election.as_str(),
                                 shared.retention_ms,
+                                a.name.as_str(),
                             ),
                             |(code, ..): &(u8, String, u64, u64)| quorum::may_have_written(*code),
                         )
@@ -392,6 +459,10 @@ impl LeaseStore for RedisStore {
         )
         .await;
 
+        if let (Some(cause), Ok(_), false) = (change, &outcome, args.indexed) {
+            shared.index_in_cluster(&args, cause, term).await;
+        }
+
         if let (Some(cause), Ok(result), false) = (change, &outcome, announced_by_server)
             && cause != ChangeCause::Renewed
         {
@@ -431,45 +502,46 @@ impl LeaseStore for RedisStore {
 
     async fn leaders(&self, kind: &Name) -> Result<Vec<(Name, LeaderInfo)>, StoreError> {
         let shared = &self.shared;
-        // Names contain no glob character (see `Name`), so the pattern matches exactly one kind.
-        let prefix = shared.kind_prefix(kind);
-        let pattern = format!("{prefix}*");
-        // Any majority of scans sees every election a majority holds a lease of.
-        let scans = gather(
+        let index = shared.index_key(kind);
+        // Any majority of indexes names every election a majority holds a lease of.
+        let listed = gather(
             &shared.nodes,
             shared.operation_timeout,
             |i| {
-                let (node, pattern) = (&shared.nodes[i], &pattern);
-                async move { (i, node.keys(pattern).await) }
+                let (node, index) = (&shared.nodes[i], &index);
+                async move { (i, live_elections(node, index).await) }
             },
             majority_answered,
         )
         .await;
-        if !scans.decision {
-            return Err(first_error(scans.answers));
+        if !listed.decision {
+            return Err(first_error(listed.answers));
         }
-        let elections: BTreeSet<Name> = scans
+        let elections: BTreeSet<Name> = listed
             .answers
             .into_iter()
             .flatten()
             .flatten()
             .flatten()
-            .filter_map(|key| Name::parse("election", key.strip_prefix(&prefix)?).ok())
+            .filter_map(|name| Name::parse("election", &name).ok())
             .collect();
-        // An election whose lease no majority confirms is not listed; one the servers cannot
-        // tell (a write in flight while a server is down) is left out rather than failing the
-        // whole listing.
-        let leaders = join_all(elections.into_iter().map(|election| async {
-            let key = ElectionKey {
-                kind: kind.clone(),
-                election,
-            };
-            Ok::<_, StoreError>(match self.read(&key).await? {
-                Read::Settled(leadership) => leadership.leader.map(|info| (key.election, info)),
-                Read::Contested(_) => None,
+        // Each confirmed by a read, a few at a time. An election whose lease no majority
+        // confirms is not listed; one the servers cannot tell (a write in flight while a server
+        // is down) is left out rather than failing the whole listing.
+        let leaders: Vec<_> = futures::stream::iter(elections)
+            .map(|election| async {
+                let key = ElectionKey {
+                    kind: kind.clone(),
+                    election,
+                };
+                Ok::<_, StoreError>(match self.read(&key).await? {
+                    Read::Settled(leadership) => leadership.leader.map(|info| (key.election, info)),
+                    Read::Contested(_) => None,
+                })
             })
-        }))
-        .await;
+            .buffered(LISTING_READS)
+            .collect()
+            .await;
         leaders.into_iter().filter_map(Result::transpose).collect()
     }
 
@@ -490,6 +562,42 @@ impl LeaseStore for RedisStore {
             Ok(())
         } else {
             Err(first_error(pings.answers))
+        }
+    }
+}
+
+/// How many index entries one call of `live.lua` returns (and removes) at most.
+const LISTING_BATCH: usize = 1_000;
+/// How many reads of listed elections run at once, so a listing of many live leases never
+/// floods the connections other requests share.
+const LISTING_READS: usize = 32;
+
+/// The names in `index` (a kind's) of live leases, on one node, batch by batch.
+async fn live_elections(node: &Node, index: &str) -> Result<Vec<String>, StoreError> {
+    let mut names = Vec::new();
+    let (mut from, mut skip) = (0_u64, 0_usize);
+    loop {
+        // Name, expiry, name, expiry, ...
+        let flat: Vec<String> = node
+            .eval(&LIVE, &[index], (from, skip, LISTING_BATCH))
+            .await?;
+        let batch: Vec<(String, u64)> = flat
+            .chunks_exact(2)
+            .map(|pair| (pair[0].clone(), pair[1].parse().unwrap_or_default()))
+            .collect();
+        let full = batch.len() == LISTING_BATCH;
+        if let Some(&(_, last)) = batch.last() {
+            let at_last = batch.iter().filter(|(_, at)| *at == last).count();
+            skip = if last == from {
+                skip + at_last
+            } else {
+                at_last
+            };
+            from = last;
+        }
+        names.extend(batch.into_iter().map(|(name, _)| name));
+        if !full {
+            return Ok(names);
         }
     }
 }
@@ -520,14 +628,15 @@ impl RedisStore {
                 |i| {
                     let (node, key) = (&shared.nodes[i], &key);
                     async move {
-                        let reply = node.eval::<(String, u64, u64)>(&LEADER, key, ()).await.map(
-                            |(leader, token, ttl_ms)| Reply {
+                        let reply = node
+                            .eval::<(String, u64, u64)>(&LEADER, &[key], ())
+                            .await
+                            .map(|(leader, token, ttl_ms)| Reply {
                                 code: 0,
                                 leader,
                                 token,
                                 ttl_ms,
-                            },
-                        );
+                            });
                         (i, reply)
                     }
                 },

@@ -68,6 +68,10 @@ pub(crate) static LEADER: Script = Script::new("leader.lua", include_str!("leade
 /// `align.lua`: sets a granted lease's token to the one reported (Redlock). Queued behind the
 /// grant on a server that has not answered, it must run right after it.
 pub(crate) static ALIGN: Script = Script::in_order("align.lua", include_str!("align.lua"));
+/// `live.lua`: a batch of a kind's live elections, from its index.
+pub(crate) static LIVE: Script = Script::new("live.lua", include_str!("live.lua"));
+/// `index.lua`: keeps a kind's index where `lease.lua` cannot (Cluster).
+pub(crate) static INDEX: Script = Script::new("index.lua", include_str!("index.lua"));
 /// `release.lua`: undoes a partial grant (Redlock); in order, as `align.lua`.
 pub(crate) static RELEASE: Script = Script::in_order("release.lua", include_str!("release.lua"));
 
@@ -159,6 +163,11 @@ impl Node {
             loading: tokio::sync::Mutex::new(()),
             backend,
         }
+    }
+
+    /// Whether this is a Redis Cluster, whose keys of one call must share a slot.
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self.backend, Backend::Cluster(_))
     }
 
     /// The endpoint's name in messages.
@@ -274,10 +283,10 @@ impl Node {
     pub(crate) async fn eval<R: DeserializeOwned>(
         &self,
         script: &Script,
-        key: &str,
+        keys: &[&str],
         args: impl Serialize + Clone,
     ) -> Result<R, StoreError> {
-        self.write(script, key, args, |_: &R| false).await
+        self.write(script, keys, args, |_: &R| false).await
     }
 
     /// Runs `script`, which may write, on `key` with `args`, as [`eval`](Self::eval) does — and
@@ -287,16 +296,25 @@ impl Node {
     pub(crate) async fn write<R: DeserializeOwned>(
         &self,
         script: &Script,
-        key: &str,
+        keys: &[&str],
         args: impl Serialize + Clone,
         wrote: impl Fn(&R) -> bool,
     ) -> Result<R, StoreError> {
         self.bounded(async {
             let mut rerouted = false;
             loop {
-                let connection = self.connection(Some(key)).await?;
+                // Keys of one call share a slot: the first routes it.
+                let connection = self.connection(keys.first().copied()).await?;
                 let reconnections = connection.acks.as_ref().map(|acks| acks.reconnections());
-                match run(&connection.client, &self.loading, script, key, args.clone()).await {
+                match run(
+                    &connection.client,
+                    &self.loading,
+                    script,
+                    keys,
+                    args.clone(),
+                )
+                .await
+                {
                     Ok(reply) => {
                         if let (Some(acks), Some(reconnections), true) =
                             (&connection.acks, reconnections, wrote(&reply))
@@ -385,23 +403,6 @@ impl Node {
         }
     }
 
-    /// Every key matching `pattern` (which must contain no glob character but a final `*`), on
-    /// every master of a Cluster.
-    pub(crate) async fn keys(&self, pattern: &str) -> Result<Vec<String>, StoreError> {
-        self.bounded(async {
-            let mut keys = Vec::new();
-            for client in self.clients().await? {
-                keys.extend(
-                    scan(&client, pattern)
-                        .await
-                        .map_err(|err| self.failed("SCAN", err))?,
-                );
-            }
-            Ok(keys)
-        })
-        .await
-    }
-
     /// The one client, or one per Cluster master.
     async fn clients(&self) -> Result<Vec<Client>, StoreError> {
         match &self.backend {
@@ -420,14 +421,14 @@ async fn run<R: DeserializeOwned>(
     client: &Client,
     loading: &tokio::sync::Mutex<()>,
     script: &Script,
-    key: &str,
+    keys: &[&str],
     args: impl Serialize + Clone,
 ) -> Result<R, rustis::Error> {
     if script.in_order {
-        return client.eval::<R>(script.text, key, args).await;
+        return client.eval::<R>(script.text, keys, args).await;
     }
     if let Some(sha) = script.sha.get() {
-        match client.evalsha::<R>(sha.as_str(), key, args.clone()).await {
+        match client.evalsha::<R>(sha.as_str(), keys, args.clone()).await {
             Err(err) if is_no_script(&err) => {}
             result => return result,
         }
@@ -437,36 +438,17 @@ async fn run<R: DeserializeOwned>(
         let _one_load_at_a_time = loading.lock().await;
         // Another call may have loaded it while this one waited.
         if let Some(sha) = script.sha.get() {
-            match client.evalsha::<R>(sha.as_str(), key, args.clone()).await {
+            match client.evalsha::<R>(sha.as_str(), keys, args.clone()).await {
                 Err(err) if is_no_script(&err) => {}
                 result => return result,
             }
         }
         let sha: String = client.script_load(script.text).await?;
-        let reply = client.evalsha::<R>(sha.as_str(), key, args).await;
+        let reply = client.evalsha::<R>(sha.as_str(), keys, args).await;
         let _ = script.sha.set(sha);
         reply
     })
     .await
-}
-
-async fn scan(client: &Client, pattern: &str) -> Result<Vec<String>, rustis::Error> {
-    use rustis::commands::{GenericCommands, ScanOptions};
-    let mut keys = Vec::new();
-    let mut cursor = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = client
-            .scan(
-                cursor,
-                ScanOptions::default().match_pattern(pattern).count(1_000),
-            )
-            .await?;
-        keys.extend(batch);
-        if next == 0 {
-            return Ok(keys);
-        }
-        cursor = next;
-    }
 }
 
 fn is_no_script(err: &rustis::Error) -> bool {

@@ -253,8 +253,8 @@ async fn records_of_ended_leases_leave_redis_after_the_retention_and_tokens_stil
         let full = dbsize().await;
         assert!(
             full.iter()
-                .all(|size| size.trim() == (elections).to_string()),
-            "{full:?}"
+                .all(|size| size.trim() == (elections + 1).to_string()),
+            "a record per election and the kind's index: {full:?}"
         );
         let started = Instant::now();
         while dbsize().await != empty {
@@ -274,6 +274,105 @@ async fn records_of_ended_leases_leave_redis_after_the_retention_and_tokens_stil
         let again = leading_token(&store, &key("flood-7"), campaign("d")).await;
         assert!(again > tokens[7], "{again} after {}", tokens[7]);
     }
+}
+
+/// A listing reads the kind's index of live leases, not every record ever written: with 100,000
+/// records of ended leases in the kind (made on the server, in the shape `lease.lua` leaves
+/// them) and 10 live ones, it lists the 10 with one `live.lua` call and ten reads per server
+/// — counted by the servers themselves — removing a bounded batch of the ended entries as it
+/// goes. One server, then Redlock.
+#[tokio::test]
+async fn a_listing_costs_the_live_leases_not_the_records_of_ended_ones() {
+    use crate::store::servers::redis_cli;
+    let servers = start_many(3).await;
+    let dead = 100_000;
+    for server in &servers {
+        let script = "local now = redis.call('TIME')[1] * 1000 - 60000 \
+            for i = 1, tonumber(ARGV[1]) do \
+              local name = 'dead-' .. i \
+              redis.call('HSET', 'test/lease/flood/' .. name, 'h', 'c', 't', i, 'e', now, \
+                'i', i, 'o', 6) \
+              redis.call('ZADD', 'test/live/flood', now, name) \
+            end";
+        redis_cli(server.port(), &["EVAL", script, "0", &dead.to_string()])
+            .await
+            .unwrap();
+    }
+    let commands = |port: u16| async move {
+        let stats = redis_cli(port, &["INFO", "commandstats"]).await.unwrap();
+        stats
+            .lines()
+            .filter_map(|line| line.strip_prefix("cmdstat_"))
+            .filter_map(|line| {
+                let calls = line.split("calls=").nth(1)?.split(',').next()?;
+                Some((
+                    line.split(':').next()?.to_owned(),
+                    calls.parse::<u64>().ok()?,
+                ))
+            })
+            .collect::<std::collections::BTreeMap<String, u64>>()
+    };
+    for urls in [&servers[..1], &servers[..]] {
+        let (store, _) = store(&store_config(
+            StoreMode::Single,
+            urls.iter().map(RedisServer::url).collect(),
+            "",
+        ));
+        let flood = |election: String| ElectionKey {
+            kind: name("flood"),
+            election: name(&election),
+        };
+        for i in 0..10 {
+            leading_token(
+                &store,
+                &flood(format!("live-{i}-{}", urls.len())),
+                campaign("c"),
+            )
+            .await;
+        }
+        // Connected, and every script loaded, before counting.
+        store.leaders(&name("warm-up")).await.unwrap();
+        store.leadership(&flood("warm-up".into())).await.unwrap();
+        let before = commands(urls[0].port()).await;
+        let started = Instant::now();
+        let listed = store.leaders(&name("flood")).await.unwrap();
+        let elapsed = started.elapsed();
+        let after = commands(urls[0].port()).await;
+        let live: Vec<String> = listed.iter().map(|(e, _)| e.to_string()).collect();
+        assert_eq!(
+            live,
+            (0..10)
+                .map(|i| format!("live-{i}-{}", urls.len()))
+                .collect::<Vec<_>>()
+        );
+        let calls =
+            |command: &str| after.get(command).unwrap_or(&0) - before.get(command).unwrap_or(&0);
+        eprintln!(
+            "{} server(s): {dead} records of ended leases and {} live: listed in {elapsed:?} with \
+             {} EVALSHA and {} SCAN on the first server",
+            urls.len(),
+            live.len(),
+            calls("evalsha"),
+            calls("scan"),
+        );
+        // One live.lua, one leader.lua per live lease, and nothing else.
+        assert!(calls("evalsha") <= 1 + live.len() as u64, "{after:?}");
+        assert_eq!(calls("scan"), 0);
+        for (election, _) in listed {
+            let resign = Command::Resign { leader: name("c") };
+            store
+                .execute(&flood(election.to_string()), resign)
+                .await
+                .unwrap();
+        }
+    }
+    let left = redis_cli(servers[0].port(), &["ZCARD", "test/live/flood"])
+        .await
+        .unwrap();
+    assert!(
+        left.trim().parse::<u64>().unwrap() < dead,
+        "listings remove ended entries a batch at a time: {left}"
+    );
 }
 
 #[tokio::test]
@@ -611,7 +710,7 @@ async fn the_futures_of_a_command_stay_small() {
         leader: Name::parse("leader", "l").unwrap(),
     };
     let node = &store.shared.nodes[0];
-    let eval = node.eval::<(u8, String, u64, u64)>(&LEASE, "k", ["a", "b", "c"]);
+    let eval = node.eval::<(u8, String, u64, u64)>(&LEASE, &["k"], ["a", "b", "c"]);
     assert!(size_of_val(&eval) < 4096, "{} bytes", size_of_val(&eval));
     let execute = store.execute(&key, command);
     assert!(
@@ -1003,8 +1102,8 @@ async fn a_command_run_again_answers_what_its_first_run_did() {
     let run = async |operation: &str, who: &str, id: &str| {
         node.write(
             &LEASE,
-            key,
-            [operation, who, "10000", id, "", "", "86400000"],
+            &[key],
+            [operation, who, "10000", id, "", "", "86400000", "rerun"],
             |_: &(u8, String, u64, u64)| true,
         )
         .await
