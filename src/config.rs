@@ -980,6 +980,7 @@ mod tests {
             ("redlock.yaml", StoreMode::Single, 3),
             ("sentinel.yaml", StoreMode::Failover, 3),
             ("cluster.yaml", StoreMode::Cluster, 1),
+            ("sharding.yaml", StoreMode::Sharding, 3),
         ] {
             let config = Sources::default()
                 .read_file(&dir.join(file))

@@ -70,12 +70,6 @@ pub enum ServerError {
     /// The metrics registry refused a metric.
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    /// The configured store is not available in this build.
-    #[error(
-        "EA_REDIS_MODE={0} is not available in this version of the agent; use single, failover, \
-         cluster or memory"
-    )]
-    UnsupportedStore(&'static str),
     /// The Redis URLs cannot be used.
     #[error(transparent)]
     Endpoints(#[from] EndpointError),
@@ -113,10 +107,12 @@ fn store(config: &Config, metrics: &Metrics) -> Result<Store, ServerError> {
         StoreMode::Memory => Ok(Store::Memory(MemoryStore::with_retention(
             config.store.retention,
         ))),
-        StoreMode::Sharding => Err(ServerError::UnsupportedStore(StoreMode::Sharding.as_str())),
-        StoreMode::Single | StoreMode::Failover | StoreMode::Cluster => Ok(Store::Redis(
-            RedisStore::new(&config.store, metrics.disconnected_backends())?,
-        )),
+        StoreMode::Single | StoreMode::Failover | StoreMode::Cluster | StoreMode::Sharding => {
+            Ok(Store::Redis(RedisStore::new(
+                &config.store,
+                metrics.disconnected_backends(),
+            )?))
+        }
     }
 }
 

@@ -30,7 +30,7 @@ fn refused(command: &mut Command) -> (i32, String) {
 #[test]
 fn an_invalid_config_value_stops_start_up_with_one_line_naming_key_value_and_allowed_values() {
     type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
-    let cases: [Case; 5] = [
+    let cases: [Case; 6] = [
         (
             &[("EA_HTTP_PORT", "abc")],
             &[],
@@ -52,6 +52,14 @@ fn an_invalid_config_value_stops_start_up_with_one_line_naming_key_value_and_all
             "invalid configuration file config/does-not-exist.yaml: ",
         ),
         (
+            &[
+                ("EA_REDIS_MODE", "memory"),
+                ("EA_REDIS_URLS", "redis://r:1"),
+            ],
+            &[],
+            r#"EA_REDIS_URLS="redis://r:1" (from the environment): EA_REDIS_MODE=memory (from the environment) keeps leases in this agent and uses no Redis"#,
+        ),
+        (
             &[("EA_LOG_LEVEL", "chatty")],
             &[],
             r#"EA_LOG_LEVEL="chatty" (from the environment): allowed: trace, debug, info"#,
@@ -69,15 +77,15 @@ fn an_invalid_config_value_stops_start_up_with_one_line_naming_key_value_and_all
 }
 
 #[test]
-fn a_redis_mode_this_agent_does_not_serve_is_refused_at_start_up() {
-    let (code, stderr) = refused(
-        agent()
-            .env("EA_REDIS_MODE", "sharding")
-            .env("EA_REDIS_URLS", "redis://127.0.0.1:1"),
-    );
+fn sharding_members_of_different_sizes_are_refused_at_start_up() {
+    let (code, stderr) = refused(agent().env("EA_REDIS_MODE", "sharding").env(
+        "EA_REDIS_URLS",
+        "redis://127.0.0.1:1?addr=127.0.0.1:2,redis://127.0.0.1:3",
+    ));
     assert_ne!(code, 0);
+    assert_eq!(stderr.lines().count(), 1, "exactly one line: {stderr}");
     assert!(
-        stderr.contains("EA_REDIS_MODE=sharding is not available"),
+        stderr.contains("EA_REDIS_URLS") && stderr.contains("every member needs as many"),
         "{stderr}"
     );
 }

@@ -267,7 +267,7 @@ pub(crate) fn slot(key: &str) -> u16 {
     crc16(hashed) % SLOTS
 }
 
-fn crc16(data: &[u8]) -> u16 {
+pub(crate) fn crc16(data: &[u8]) -> u16 {
     data.iter().fold(0u16, |mut crc, byte| {
         crc ^= u16::from(*byte) << 8;
         for _ in 0..8 {

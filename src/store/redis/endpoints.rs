@@ -10,8 +10,31 @@ use crate::config::{StoreConfig, StoreMode};
 #[error("EA_REDIS_URLS: {0}")]
 pub struct EndpointError(String);
 
-/// The endpoints of a configuration, each with a label free of credentials.
-pub(crate) fn endpoints(config: &StoreConfig) -> Result<Vec<(String, Config)>, EndpointError> {
+/// The endpoints of a configuration, each with a label free of credentials, and the positions
+/// (see [`endpoints`]).
+pub(crate) type Endpoints = (Vec<(String, Config)>, Vec<Vec<usize>>);
+
+/// The endpoints of a configuration, each with a label free of credentials, and which of them
+/// hold a key by its position: every endpoint in one position, except in sharding mode, where
+/// each URL is one Redlock member of several servers (`redis://host:port?addr=h2:p2&addr=h3:p3`)
+/// and position `p` holds the `p`-th server of every member.
+pub(crate) fn endpoints(config: &StoreConfig) -> Result<Endpoints, EndpointError> {
+    let endpoints = configs(config)?;
+    if config.mode != StoreMode::Sharding {
+        let all = (0..endpoints.len()).collect();
+        return Ok((endpoints, vec![all]));
+    }
+    let urls = config.urls.len();
+    let positions = endpoints.len() / urls;
+    // `configs` lists each member's servers in turn; every member has as many.
+    let shards = (0..positions)
+        .map(|p| (0..urls).map(|m| m * positions + p).collect())
+        .collect();
+    Ok((endpoints, shards))
+}
+
+/// One `rustis` configuration per endpoint, with its label.
+fn configs(config: &StoreConfig) -> Result<Vec<(String, Config)>, EndpointError> {
     let urls: Vec<url::Url> = config
         .urls
         .iter()
@@ -52,20 +75,41 @@ pub(crate) fn endpoints(config: &StoreConfig) -> Result<Vec<(String, Config)>, E
     let first = urls
         .first()
         .ok_or_else(|| EndpointError("at least one Redis URL is needed".into()))?;
+    let standalone = |url: &url::Url, (host, port): (String, u16)| {
+        let mut endpoint = Config::default();
+        endpoint.server = ServerConfig::Standalone {
+            host: host.clone(),
+            port,
+        };
+        credentials(url, &mut endpoint)?;
+        Ok((format!("{host}:{port}"), endpoint))
+    };
     match config.mode {
         StoreMode::Single => urls
             .iter()
-            .map(|url| {
-                let (host, port) = host_port(url)?;
-                let mut endpoint = Config::default();
-                endpoint.server = ServerConfig::Standalone {
-                    host: host.clone(),
-                    port,
-                };
-                credentials(url, &mut endpoint)?;
-                Ok((format!("{host}:{port}"), endpoint))
-            })
+            .map(|url| standalone(url, host_port(url)?))
             .collect(),
+        StoreMode::Sharding => {
+            let mut endpoints = Vec::new();
+            let mut per_member = None;
+            for url in &urls {
+                let mut servers = vec![host_port(url)?];
+                servers.extend(addrs(url)?);
+                if *per_member.get_or_insert(servers.len()) != servers.len() {
+                    return Err(EndpointError(format!(
+                        "sharding: {:?} has {} servers, the first member {}; every member \
+                         needs as many (one per position)",
+                        redact(url.as_str()),
+                        servers.len(),
+                        per_member.unwrap_or_default()
+                    )));
+                }
+                for server in servers {
+                    endpoints.push(standalone(url, server)?);
+                }
+            }
+            Ok(endpoints)
+        }
         StoreMode::Failover => {
             let mut sentinel = SentinelConfig::default();
             sentinel.instances = urls.iter().map(host_port).collect::<Result<_, _>>()?;
@@ -82,17 +126,7 @@ pub(crate) fn endpoints(config: &StoreConfig) -> Result<Vec<(String, Config)>, E
             let mut nodes = Vec::new();
             for url in &urls {
                 nodes.push(host_port(url)?);
-                for (name, value) in url.query_pairs() {
-                    if name == "addr" {
-                        let (host, port) = value.rsplit_once(':').ok_or_else(|| {
-                            EndpointError(format!("addr={value:?} is not host:port"))
-                        })?;
-                        let port = port
-                            .parse()
-                            .map_err(|_| EndpointError(format!("addr={value:?}: bad port")))?;
-                        nodes.push((host.to_owned(), port));
-                    }
-                }
+                nodes.extend(addrs(url)?);
             }
             let mut cluster = ClusterConfig::default();
             cluster.nodes = nodes;
@@ -102,11 +136,27 @@ pub(crate) fn endpoints(config: &StoreConfig) -> Result<Vec<(String, Config)>, E
             endpoint.server = ServerConfig::Cluster(cluster);
             Ok(vec![("cluster".to_owned(), endpoint)])
         }
-        StoreMode::Memory | StoreMode::Sharding => Err(EndpointError(format!(
+        StoreMode::Memory => Err(EndpointError(format!(
             "EA_REDIS_MODE={} is not a Redis mode this agent serves",
             config.mode.as_str()
         ))),
     }
+}
+
+/// The servers a URL's `addr=host:port` parameters name (Cluster, sharding).
+fn addrs(url: &url::Url) -> Result<Vec<(String, u16)>, EndpointError> {
+    url.query_pairs()
+        .filter(|(name, _)| name == "addr")
+        .map(|(_, value)| {
+            let (host, port) = value
+                .rsplit_once(':')
+                .ok_or_else(|| EndpointError(format!("addr={value:?} is not host:port")))?;
+            let port = port
+                .parse()
+                .map_err(|_| EndpointError(format!("addr={value:?}: bad port")))?;
+            Ok((host.to_owned(), port))
+        })
+        .collect()
 }
 
 /// `raw` with any password replaced, for messages.
@@ -141,8 +191,9 @@ mod tests {
 
     #[test]
     fn endpoints_follow_the_go_service_url_formats() {
-        let endpoints =
-            |mode, urls: &[&str], master: &str| endpoints(&store_config(mode, urls, master));
+        let endpoints = |mode, urls: &[&str], master: &str| {
+            super::endpoints(&store_config(mode, urls, master)).map(|(endpoints, _)| endpoints)
+        };
         let single = endpoints(
             StoreMode::Single,
             &["redis://u:secret@h1:7000/2", "redis://h2"],
@@ -184,6 +235,32 @@ mod tests {
         };
         assert_eq!(config.service_name, "m");
         assert_eq!(config.instances.len(), 2);
+
+        let (sharded, shards) = super::endpoints(&store_config(
+            StoreMode::Sharding,
+            &[
+                "redis://u:secret@a1:1?addr=a2:2",
+                "redis://u:secret@b1:1?addr=b2:2",
+                "redis://u:secret@c1:1?addr=c2:2",
+            ],
+            "",
+        ))
+        .unwrap();
+        let labels: Vec<&str> = sharded.iter().map(|(label, _)| label.as_str()).collect();
+        assert_eq!(labels, ["a1:1", "a2:2", "b1:1", "b2:2", "c1:1", "c2:2"]);
+        assert_eq!(
+            shards,
+            [vec![0, 2, 4], vec![1, 3, 5]],
+            "a position per server of a member"
+        );
+        assert_eq!(sharded[3].1.password.as_deref(), Some("secret"));
+        let uneven = super::endpoints(&store_config(
+            StoreMode::Sharding,
+            &["redis://a1:1?addr=a2:2", "redis://b1:1"],
+            "",
+        ))
+        .unwrap_err();
+        assert!(uneven.to_string().contains("every member"), "{uneven}");
 
         let err = endpoints(StoreMode::Single, &["http://u:secret@h"], "").unwrap_err();
         assert!(!err.to_string().contains("secret"), "{err}");

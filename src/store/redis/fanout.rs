@@ -29,7 +29,7 @@ pub(crate) struct Gathered<V, T, F> {
 /// count as failed. With one server there is nothing to decide early: its call is simply awaited
 /// (it is bounded by the operation timeout).
 pub(crate) async fn gather<T, F, V>(
-    nodes: &[Node],
+    nodes: &[&Node],
     per_server: Duration,
     call: impl Fn(usize) -> F,
     mut decide: impl FnMut(&[Answer<T>]) -> Option<V>,

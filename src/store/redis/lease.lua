@@ -12,7 +12,9 @@
 --            i  the id of the last command that changed the record;
 --            o  what that command did: 1 renewed, 3 resigned a live lease, 4 handed over to a
 --               new holder, 6 elected, 7 dropped the caller's own expired lease, 9 handed over
---               to the live holder. Only 4 and 6 created a lease that release.lua may take back.
+--               to the live holder. Only 4 and 6 created a lease that release.lua may take back;
+--            ph, pe, pt  the live lease a handover (4) replaced — holder, expiry, token — which
+--               release.lua puts back if that handover failed (absent otherwise).
 -- KEYS[2]  the index of the kind's live leases, a sorted set of election names by expiry (ms on
 --          this server's clock) — absent in Cluster mode, where it is in another slot and the
 --          agent keeps it (index.lua). Entries of leases that ended are removed a few at a time
@@ -38,7 +40,7 @@
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local record = redis.call('HMGET', KEYS[1], 'h', 't', 'e', 'i', 'o')
+local record = redis.call('HMGET', KEYS[1], 'h', 't', 'e', 'i', 'o', 'ph')
 local holder = record[1] or nil
 local token = tonumber(record[2]) or 0
 local expires = tonumber(record[3]) or 0
@@ -92,6 +94,13 @@ end
 
 local function grant(code, tok, expiry, done)
   redis.call('HSET', KEYS[1], 'h', who, 't', tok, 'e', expiry, 'i', id, 'o', done)
+  if done == 4 and live then
+    -- Kept so that a failed handover (one that ran here late, after the agent gave up on it)
+    -- puts the lease it replaced back rather than leaving nobody — or its holder a minority.
+    redis.call('HSET', KEYS[1], 'ph', holder, 'pe', expires, 'pt', token)
+  elseif record[6] then
+    redis.call('HDEL', KEYS[1], 'ph', 'pe', 'pt')
+  end
   redis.call('PEXPIRE', KEYS[1], expiry - now + retention)
   index(expiry)
   if code == 6 then

@@ -65,7 +65,11 @@ pub struct RedisStore {
 }
 
 struct Shared {
+    /// Every server (every member's, in sharding mode).
     nodes: Vec<Node>,
+    /// The servers that hold a key, by its position (`shard`): all of them, except in sharding
+    /// mode, where position `p` is the `p`-th server of every member.
+    shards: Vec<Vec<usize>>,
     prefix: String,
     announcer: Announcer,
     /// Redlock: how long to wait for one server before deciding without it.
@@ -94,7 +98,8 @@ impl RedisStore {
     /// the agent starts, not ready, while Redis is down. `disconnected` is kept at the number of
     /// unreachable endpoints.
     pub fn new(config: &StoreConfig, disconnected: IntGauge) -> Result<Self, EndpointError> {
-        let nodes: Vec<Node> = endpoints::endpoints(config)?
+        let (endpoints, shards) = endpoints::endpoints(config)?;
+        let nodes: Vec<Node> = endpoints
             .into_iter()
             .map(|(label, endpoint)| {
                 let durability = (config.replica_acks, config.server_timeout);
@@ -102,6 +107,7 @@ impl RedisStore {
             })
             .collect();
         let shared = Arc::new(Shared {
+            shards,
             server_timeout: config.server_timeout.min(config.operation_timeout),
             operation_timeout: config.operation_timeout,
             nodes,
@@ -149,9 +155,23 @@ impl Shared {
     }
 
     /// Whether `lease.lua` keeps the index itself: everywhere but in a Cluster, where the index
-    /// is in another slot than the record.
+    /// is in another slot than the record, and in sharding mode, where it may be on other servers.
     fn indexes_in_script(&self) -> bool {
-        !self.nodes.iter().any(Node::is_cluster)
+        self.shards.len() == 1 && !self.nodes.iter().any(Node::is_cluster)
+    }
+
+    /// The position of the servers holding `key`: CRC16 (XMODEM, as Redis Cluster's) of the key
+    /// modulo the servers per member, as the Go service's sharding mode; 0 in the other modes.
+    fn shard(&self, key: &str) -> usize {
+        match self.shards.len() {
+            1 => 0,
+            n => usize::from(cluster::crc16(key.as_bytes())) % n,
+        }
+    }
+
+    /// The servers of position `shard`.
+    fn shard_nodes(&self, shard: usize) -> Vec<&Node> {
+        self.shards[shard].iter().map(|&i| &self.nodes[i]).collect()
     }
 
     /// A new command id: this agent's random number in the high half, a counter in the low one.
@@ -173,13 +193,14 @@ impl Shared {
     /// leaves to do; errors are ignored (a lease that cannot be released expires with its term).
     async fn on_servers(
         &self,
+        shard: usize,
         servers: &[usize],
         script: &node::Script,
         key: &str,
         args: impl serde::Serialize + Clone,
     ) {
         join_all(servers.iter().map(|&i| {
-            self.nodes[i].write(
+            self.nodes[self.shards[shard][i]].write(
                 script,
                 std::slice::from_ref(&key),
                 args.clone(),
@@ -191,11 +212,18 @@ impl Shared {
 
     /// Sets the token of this command's grants on `servers` to exactly `token`; says how many
     /// servers now have it (those that already had it not included).
-    async fn align(&self, servers: &[usize], key: &str, id: u64, token: FencingToken) -> usize {
+    async fn align(
+        &self,
+        shard: usize,
+        servers: &[usize],
+        key: &str,
+        id: u64,
+        token: FencingToken,
+    ) -> usize {
         // Servers that just answered: bounded by the operation timeout only, as the first call
         // on a server also loads the script.
         let aligned = join_all(servers.iter().map(|&i| {
-            self.nodes[i].write(
+            self.nodes[self.shards[shard][i]].write(
                 &ALIGN,
                 std::slice::from_ref(&key),
                 (id, token.0),
@@ -211,11 +239,11 @@ impl Shared {
 }
 
 impl Shared {
-    /// Keeps the kind's index after a change in a Cluster (elsewhere `lease.lua` does): awaited
+    /// Keeps the kind's index after a change where `lease.lua` cannot (Cluster, sharding): awaited
     /// when the lease began or ended, so a listing right after the answer shows it; sent without
     /// waiting for a renewal, which only moves the entry's expiry. A failure is left to the next
     /// renewal.
-    async fn index_in_cluster(
+    async fn index_elsewhere(
         self: &Arc<Self>,
         args: &Arc<LeaseArgs>,
         cause: ChangeCause,
@@ -227,16 +255,20 @@ impl Shared {
         };
         let (shared, args) = (self.clone(), args.clone());
         let update = async move {
-            let node = &shared.nodes[0];
-            let result = node
-                .write(
+            // On every server of the index's position (with several members, each keeps its
+            // copy, and a listing reads a majority of them).
+            let shard = shared.shard(&args.index);
+            let index = [args.index.as_str()];
+            let results = join_all(shared.shard_nodes(shard).into_iter().map(|node| {
+                node.write(
                     &INDEX,
-                    &[args.index.as_str()],
+                    &index,
                     (args.name.as_str(), ttl_ms, shared.retention_ms),
                     |_: &u64| true,
                 )
-                .await;
-            if let Err(err) = result {
+            }))
+            .await;
+            for err in results.into_iter().filter_map(Result::err) {
                 tracing::debug!(index = args.index, error = %err, "cannot update a kind's index");
             }
         };
@@ -250,6 +282,8 @@ impl Shared {
 /// What a command sends to `lease.lua`, shared by the calls of its fan-out.
 struct LeaseArgs {
     key: String,
+    /// The position of the servers holding it.
+    shard: usize,
     /// The kind's index.
     index: String,
     /// Whether `lease.lua` keeps the index (not in a Cluster).
@@ -312,8 +346,12 @@ async fn settle_late<F>(
             async move {
                 let (key, id) = (args.key.as_str(), args.id);
                 match late {
-                    Late::Release => shared.on_servers(&[i], &RELEASE, key, (id,)).await,
-                    Late::Align(token) => _ = shared.align(&[i], key, id, token).await,
+                    Late::Release => {
+                        shared
+                            .on_servers(args.shard, &[i], &RELEASE, key, (id,))
+                            .await
+                    }
+                    Late::Align(token) => _ = shared.align(args.shard, &[i], key, id, token).await,
                     Late::Ignore => {}
                 }
             }
@@ -338,12 +376,14 @@ async fn settle_late<F>(
                 let Ok(reply) = answer else { continue };
                 match late {
                     Late::Release if quorum::is_new_lease(reply.code) => {
-                        shared.on_servers(&[i], &RELEASE, key, (id,)).await;
+                        shared
+                            .on_servers(args.shard, &[i], &RELEASE, key, (id,))
+                            .await;
                     }
                     Late::Align(token)
                         if quorum::is_grant(reply.code) && reply.token != token.0 =>
                     {
-                        shared.align(&[i], key, id, token).await;
+                        shared.align(args.shard, &[i], key, id, token).await;
                     }
                     _ => {}
                 }
@@ -360,13 +400,17 @@ impl LeaseStore for RedisStore {
         command: Command,
     ) -> Result<Outcome, StoreError> {
         let shared = &self.shared;
-        let servers = shared.nodes.len();
+        let key = shared.key(election);
+        let shard = shared.shard(&key);
+        let nodes = shared.shard_nodes(shard);
+        let servers = nodes.len();
         let (kind, operation, who, term) = command_parts(&command);
         // One server announces a change itself, in the order it makes them; N servers have no
         // such order, and the agent announces what a majority decided.
         let announced_by_server = servers == 1;
         let args = Arc::new(LeaseArgs {
-            key: shared.key(election),
+            key,
+            shard,
             index: shared.index_key(&election.kind),
             indexed: shared.indexes_in_script(),
             name: election.election.clone(),
@@ -382,7 +426,7 @@ impl LeaseStore for RedisStore {
         });
         let started = Instant::now();
         let gathered = gather(
-            &shared.nodes,
+            &nodes,
             shared.per_server_timeout(term),
             |i| {
                 let (shared, args) = (shared.clone(), args.clone());
@@ -390,7 +434,7 @@ impl LeaseStore for RedisStore {
                     let a = &*args;
                     let both = [a.key.as_str(), a.index.as_str()];
                     let keys = if a.indexed { &both[..] } else { &both[..1] };
-                    let reply = shared.nodes[i]
+                    let reply = shared.nodes[shared.shards[a.shard][i]]
                         .write(
                             &LEASE,
                             keys,
@@ -439,7 +483,7 @@ impl LeaseStore for RedisStore {
             // anyone is told.
             let token = *token;
             let at_token = granted_at(&gathered.answers, who, token);
-            let aligned = shared.align(&align, &args.key, args.id, token).await;
+            let aligned = shared.align(shard, &align, &args.key, args.id, token).await;
             if at_token + aligned < quorum::quorum(servers) {
                 outcome = Err(StoreError::Unavailable(
                     "could not make the new fencing token durable on a majority of Redis servers"
@@ -460,7 +504,7 @@ impl LeaseStore for RedisStore {
         .await;
 
         if let (Some(cause), Ok(_), false) = (change, &outcome, args.indexed) {
-            shared.index_in_cluster(&args, cause, term).await;
+            shared.index_elsewhere(&args, cause, term).await;
         }
 
         if let (Some(cause), Ok(result), false) = (change, &outcome, announced_by_server)
@@ -486,7 +530,7 @@ impl LeaseStore for RedisStore {
             shared.announcer.announce(change);
             // Other replicas hear it through Redis; a server that cannot take it now is skipped
             // (its subscribers resynchronise when they connect again).
-            for node in &shared.nodes {
+            for node in &nodes {
                 node.publish(shared.announcer.channel(), &message);
             }
         }
@@ -504,11 +548,12 @@ impl LeaseStore for RedisStore {
         let shared = &self.shared;
         let index = shared.index_key(kind);
         // Any majority of indexes names every election a majority holds a lease of.
+        let nodes = shared.shard_nodes(shared.shard(&index));
         let listed = gather(
-            &shared.nodes,
+            &nodes,
             shared.operation_timeout,
             |i| {
-                let (node, index) = (&shared.nodes[i], &index);
+                let (node, index) = (nodes[i], &index);
                 async move { (i, live_elections(node, index).await) }
             },
             majority_answered,
@@ -550,19 +595,25 @@ impl LeaseStore for RedisStore {
     }
 
     async fn check(&self) -> Result<(), StoreError> {
+        // Every position must have a majority of its servers answering.
         let shared = &self.shared;
-        let pings = gather(
-            &shared.nodes,
-            shared.operation_timeout,
-            |i| async move { (i, shared.nodes[i].ping().await) },
-            majority_answered,
-        )
-        .await;
-        if pings.decision {
-            Ok(())
-        } else {
-            Err(first_error(pings.answers))
+        for shard in 0..shared.shards.len() {
+            let nodes = shared.shard_nodes(shard);
+            let pings = gather(
+                &nodes,
+                shared.operation_timeout,
+                |i| {
+                    let node = nodes[i];
+                    async move { (i, node.ping().await) }
+                },
+                majority_answered,
+            )
+            .await;
+            if !pings.decision {
+                return Err(first_error(pings.answers));
+            }
         }
+        Ok(())
     }
 }
 
@@ -620,13 +671,14 @@ impl RedisStore {
     async fn read(&self, election: &ElectionKey) -> Result<Read, StoreError> {
         let shared = &self.shared;
         let key = shared.key(election);
+        let nodes = shared.shard_nodes(shared.shard(&key));
         let mut attempt = 1;
         loop {
             let gathered = gather(
-                &shared.nodes,
+                &nodes,
                 shared.per_server_timeout(None),
                 |i| {
-                    let (node, key) = (&shared.nodes[i], &key);
+                    let (node, key) = (nodes[i], &key);
                     async move {
                         let reply = node
                             .eval::<(String, u64, u64)>(&LEADER, &[key], ())

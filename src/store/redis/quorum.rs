@@ -8,7 +8,8 @@
 //!
 //! After a failed command only what that command itself created is rolled back: a grant that
 //! made its candidate the new holder on a server (`release.lua` checks this on the server),
-//! never a renewal and never another holder's lease. A reported fencing token is first made
+//! never a renewal and never another holder's lease — the live lease a failed handover replaced
+//! is put back as it was. A reported fencing token is first made
 //! durable on a majority (aligned where a granting server had a lower one), so any later majority
 //! — which shares at least one server with this one — can only hand out higher tokens.
 

@@ -76,6 +76,68 @@ async fn redlock_over_three_servers_meets_the_lease_store_contract() {
     contract::run(&single(&servers).0).await;
 }
 
+/// Sharding over three members of two servers each (`redis://a1?addr=a2`, ...): the contract holds,
+/// and 10,000 elections spread over both positions — counted on the servers.
+#[tokio::test]
+async fn sharding_over_three_members_of_two_servers_meets_the_lease_store_contract() {
+    use crate::store::servers::redis_cli;
+    let servers = start_many(6).await;
+    let urls = servers
+        .chunks(2)
+        .map(|member| format!("{}?addr=127.0.0.1:{}", member[0].url(), member[1].port()))
+        .collect();
+    let (store, _) = store(&store_config(StoreMode::Sharding, urls, ""));
+    contract::run(&store).await;
+
+    let base: Vec<u64> = futures::future::join_all(
+        servers
+            .iter()
+            .map(|s| async { redis_cli(s.port(), &["DBSIZE"]).await.unwrap() }),
+    )
+    .await
+    .iter()
+    .map(|n| n.trim().parse().unwrap())
+    .collect();
+    let elections = 10_000;
+    for chunk in (0..elections).collect::<Vec<_>>().chunks(50) {
+        futures::future::join_all(chunk.iter().map(|i| {
+            let store = &store;
+            async move { leading_token(store, &key(&format!("spread-{i}")), campaign("c")).await }
+        }))
+        .await;
+    }
+    let mut per_server = Vec::new();
+    for (server, base) in servers.iter().zip(&base) {
+        let size: u64 = redis_cli(server.port(), &["DBSIZE"])
+            .await
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        per_server.push(size - base);
+    }
+    eprintln!(
+        "sharding: {elections} elections, new keys per server (member, position): {per_server:?}"
+    );
+    // Every member holds every election at its position: the same count on each member's
+    // server at one position (the kind's index included, wherever it is).
+    let positions: Vec<u64> = (0..2).map(|p| per_server[p]).collect();
+    for member in per_server.chunks(2) {
+        assert_eq!(member, positions, "{per_server:?}");
+    }
+    assert_eq!(
+        positions.iter().sum::<u64>(),
+        elections + 1,
+        "and the index"
+    );
+    for count in positions {
+        assert!(
+            count > elections / 3,
+            "both positions hold a fair share: {per_server:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn sentinel_meets_the_lease_store_contract() {
     let sentinels = SentinelSet::start().await;
@@ -1138,4 +1200,78 @@ async fn a_command_run_again_answers_what_its_first_run_did() {
         (quorum::code::RESIGNED, String::new(), handed.2, 0),
         "a new resignation finds nobody"
     );
+}
+
+/// A handover the agent gave up on (no majority in time) can still run on a server later — its
+/// command was queued there — and replace the lease of a holder elected since. Taking it back
+/// must put that holder's lease back, not leave the server with nobody: found by the safety
+/// checker in sharding mode, where two late handovers, each on another server, had left the
+/// holder a minority and a campaign won while it still led.
+#[tokio::test]
+async fn taking_back_a_failed_handover_puts_back_the_lease_it_replaced() {
+    use super::node::RELEASE;
+    let server = RedisServer::start().await;
+    let (store, _) = single(std::slice::from_ref(&server));
+    let node = &store.shared.nodes[0];
+    let key = "test/lease/test/late-handover";
+    let run = async |operation: &str, who: &str, id: &str| {
+        node.write(
+            &LEASE,
+            &[key],
+            [
+                operation,
+                who,
+                "10000",
+                id,
+                "",
+                "",
+                "86400000",
+                "late-handover",
+            ],
+            |_: &(u8, String, u64, u64)| true,
+        )
+        .await
+        .unwrap()
+    };
+    let release = async |id: &str| {
+        node.write(&RELEASE, &[key], [id], |_: &u64| true)
+            .await
+            .unwrap()
+    };
+    let leader = async || {
+        let (leader, token, ttl): (String, u64, u64) =
+            node.eval(&LEADER, &[key], ()).await.unwrap();
+        (leader, token, ttl)
+    };
+    let elected = run("campaign", "a", "late:1").await;
+    let (_, _, ttl_before) = leader().await;
+
+    // b's handover, which its agent reported as failed, runs here late, and is taken back.
+    let handed = run("handover", "b", "late:2").await;
+    assert_eq!(handed.0, quorum::code::HANDED_OVER);
+    assert_eq!(release("late:2").await, 1);
+    let (holder, token, ttl) = leader().await;
+    assert_eq!(
+        (holder.as_str(), token),
+        ("a", elected.2),
+        "a's lease, as it was"
+    );
+    assert!(
+        ttl <= ttl_before && ttl > ttl_before - 1_000,
+        "{ttl} after {ttl_before}"
+    );
+    assert_eq!(
+        run("campaign", "a", "late:3").await.0,
+        quorum::code::RENEWED,
+        "and a renews it"
+    );
+    // A failed election over no live lease is taken back to nobody, as before.
+    run("resign", "a", "late:4").await;
+    assert_eq!(
+        run("campaign", "c", "late:5").await.0,
+        quorum::code::ELECTED
+    );
+    assert_eq!(release("late:5").await, 1);
+    assert_eq!(leader().await.0, "");
+    assert_eq!(release("late:5").await, 0, "only once");
 }

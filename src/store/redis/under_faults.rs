@@ -65,6 +65,9 @@ enum Trouble {
 enum Deployment {
     Single(RedisServer, FaultProxy),
     Redlock(Vec<RedisServer>, Vec<FaultProxy>),
+    /// Sharding: three members of two servers each; server `2m + p` is member `m`'s at
+    /// position `p`.
+    Sharded(Vec<RedisServer>, Vec<FaultProxy>),
     Sentinel(SentinelSet),
     Cluster(RedisCluster),
 }
@@ -86,6 +89,15 @@ impl Deployment {
                         .await;
                 Self::Redlock(servers, proxies)
             }
+            "sharding" => {
+                let servers =
+                    futures::future::join_all((0..6).map(|_| RedisServer::start_persistent()))
+                        .await;
+                let proxies =
+                    futures::future::join_all(servers.iter().map(|s| FaultProxy::start(s.port())))
+                        .await;
+                Self::Sharded(servers, proxies)
+            }
             "sentinel" => Self::Sentinel(SentinelSet::start_proxied_persistent().await),
             "cluster" => Self::Cluster(RedisCluster::start_proxied_persistent().await),
             other => panic!("no such mode {other}"),
@@ -98,6 +110,16 @@ impl Deployment {
             Self::Redlock(_, proxies) => (
                 StoreMode::Single,
                 proxies.iter().map(FaultProxy::url).collect(),
+                "",
+            ),
+            Self::Sharded(_, proxies) => (
+                StoreMode::Sharding,
+                proxies
+                    .chunks(2)
+                    .map(|member| {
+                        format!("{}?addr=127.0.0.1:{}", member[0].url(), member[1].port())
+                    })
+                    .collect(),
                 "",
             ),
             Self::Sentinel(set) => (StoreMode::Failover, set.sentinel_urls(), set.master_name()),
@@ -118,7 +140,7 @@ impl Deployment {
     /// The clock-drift allowance a client of this mode subtracts from its term.
     fn drift(&self) -> Duration {
         match self {
-            Self::Redlock(..) => quorum::drift(TERM),
+            Self::Redlock(..) | Self::Sharded(..) => quorum::drift(TERM),
             _ => Duration::ZERO,
         }
     }
@@ -127,7 +149,7 @@ impl Deployment {
     fn troubles(&self) -> Vec<Trouble> {
         use Trouble::*;
         match self {
-            Self::Single(..) | Self::Redlock(..) => {
+            Self::Single(..) | Self::Redlock(..) | Self::Sharded(..) => {
                 vec![PubSubKilled, Slow, Paused, Blackholed, Restarted]
             }
             Self::Sentinel(_) | Self::Cluster(_) => {
@@ -171,12 +193,14 @@ impl Deployment {
         (port, started_as_master)
     }
 
-    /// The proxy in front of the server the faults hit: the second of three Redlock servers,
+    /// The proxy in front of the server the faults hit: the second of three Redlock servers, the
+    /// second member's first server in sharding mode,
     /// the master (of `run`'s first election, for a Cluster).
     async fn target_proxy(&mut self, run: &str) -> &FaultProxy {
         match self {
             Self::Single(_, proxy) => proxy,
             Self::Redlock(_, proxies) => &proxies[1],
+            Self::Sharded(_, proxies) => &proxies[2],
             Self::Sentinel(set) => {
                 if Self::sentinel_master(set).await.1 {
                     set.master_proxy()
@@ -193,6 +217,7 @@ impl Deployment {
         match self {
             Self::Single(server, _) => server,
             Self::Redlock(servers, _) => &mut servers[1],
+            Self::Sharded(servers, _) => &mut servers[2],
             Self::Sentinel(set) => {
                 if Self::sentinel_master(set).await.1 {
                     set.master()
@@ -208,7 +233,9 @@ impl Deployment {
     fn server_on(&mut self, port: u16) -> &mut RedisServer {
         let server = match self {
             Self::Single(server, _) => Some(server),
-            Self::Redlock(servers, _) => servers.iter_mut().find(|s| s.port() == port),
+            Self::Redlock(servers, _) | Self::Sharded(servers, _) => {
+                servers.iter_mut().find(|s| s.port() == port)
+            }
             Self::Sentinel(set) => set.server_on(port),
             Self::Cluster(cluster) => cluster.nodes().iter_mut().find(|s| s.port() == port),
         };
@@ -219,7 +246,9 @@ impl Deployment {
     fn data_ports(&mut self) -> Vec<u16> {
         match self {
             Self::Single(server, _) => vec![server.port()],
-            Self::Redlock(servers, _) => servers.iter().map(RedisServer::port).collect(),
+            Self::Redlock(servers, _) | Self::Sharded(servers, _) => {
+                servers.iter().map(RedisServer::port).collect()
+            }
             Self::Sentinel(set) => vec![set.master().port(), set.replica().port()],
             Self::Cluster(cluster) => cluster.ports(),
         }
@@ -455,6 +484,11 @@ async fn single_redis_keeps_one_leader_under_every_fault() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redlock_keeps_one_leader_under_every_fault() {
     run_mode("redlock").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharding_keeps_one_leader_under_every_fault() {
+    run_mode("sharding").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
