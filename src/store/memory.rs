@@ -112,8 +112,15 @@ impl MemoryStore {
                 }
                 !remove
             });
+            // A burst of names must not keep its table after the names are gone.
+            if elections.len() < elections.capacity() / 4 {
+                elections.shrink_to_fit();
+            }
             !elections.is_empty()
         });
+        if kinds.len() < kinds.capacity() / 4 {
+            kinds.shrink_to_fit();
+        }
     }
 
     /// How many records the store holds (for tests).

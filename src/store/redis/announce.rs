@@ -89,9 +89,12 @@ impl Announcer {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if announced.next_prune.is_none_or(|at| now >= at) {
             announced.next_prune = Some(now + REMEMBER_ANNOUNCED / 6);
-            announced
-                .versions
-                .retain(|_, (_, at)| now.duration_since(*at) < REMEMBER_ANNOUNCED);
+            let versions = &mut announced.versions;
+            versions.retain(|_, (_, at)| now.duration_since(*at) < REMEMBER_ANNOUNCED);
+            // A burst of names must not keep its table after the names are gone.
+            if versions.len() < versions.capacity() / 4 {
+                versions.shrink_to_fit();
+            }
         }
         match announced.versions.entry(change.election.clone()) {
             Entry::Occupied(last) if last.get().0 >= version => return false,
