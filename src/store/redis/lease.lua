@@ -16,8 +16,8 @@
 --            ph, pe, pt  the live lease a handover (4) replaced — holder, expiry, token — which
 --               release.lua puts back if that handover failed (absent otherwise).
 -- KEYS[2]  the index of the kind's live leases, a sorted set of election names by expiry (ms on
---          this server's clock) — absent in Cluster mode, where it is in another slot and the
---          agent keeps it (index.lua). Entries of leases that ended are removed a few at a time
+--          this server's clock) — absent in Cluster and sharding modes, where it may be in
+--          another slot or on other servers and the agent keeps it (index.lua). Entries of leases that ended are removed a few at a time
 --          here and by live.lua, never all at once.
 -- ARGV[1]  command: campaign | extend | resign | handover
 -- ARGV[2]  the candidate (campaign) or leader (extend, resign, handover)
