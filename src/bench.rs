@@ -3,7 +3,8 @@
 //!
 //! `grpc` and `http` run the Go service's benchmark workload: every client wins one
 //! election of its own with one successful campaign, then per iteration its leader extends the
-//! term and another candidate campaigns and loses. `pods` asks `GetPods` for one Deployment; without
+//! term and another candidate campaigns and loses. `names` campaigns on a new election with every
+//! request, as a flood of names would. `pods` asks `GetPods` for one Deployment; without
 //! `--address` it starts an agent in this process over caches holding a synthetic Deployment, so
 //! it needs no cluster.
 //!
@@ -54,6 +55,9 @@ pub enum BenchTarget {
     Grpc(WorkloadArgs),
     /// The campaign/extend workload over the REST API.
     Http(WorkloadArgs),
+    /// A flood of names over gRPC: every request campaigns on an election never used before —
+    /// what the agent's and the store's state must stay bounded under.
+    Names(WorkloadArgs),
     /// GetPods of one Deployment over gRPC; without --address, from an in-process agent over a
     /// synthetic Deployment.
     Pods(PodsArgs),
@@ -217,6 +221,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     let report = match args.target {
         BenchTarget::Grpc(args) => grpc(args).await?,
         BenchTarget::Http(args) => http(args).await?,
+        BenchTarget::Names(args) => names(args).await?,
         BenchTarget::Pods(args) => pods(args).await?,
     };
     Ok(report)
@@ -236,7 +241,9 @@ impl BenchTarget {
     /// Whether the report should be JSON.
     pub fn json(&self) -> bool {
         match self {
-            BenchTarget::Grpc(args) | BenchTarget::Http(args) => args.load.json,
+            BenchTarget::Grpc(args) | BenchTarget::Http(args) | BenchTarget::Names(args) => {
+                args.load.json
+            }
             BenchTarget::Pods(args) => args.load.json,
         }
     }
@@ -497,6 +504,50 @@ async fn grpc(args: WorkloadArgs) -> Result<Report, BenchError> {
                         .await;
                     recorder
                         .time(async { expect(false)(client.campaign(lose.clone()).await) })
+                        .await;
+                }
+                recorder.result
+            }
+        },
+    )
+    .await;
+    Ok(report)
+}
+
+async fn names(args: WorkloadArgs) -> Result<Report, BenchError> {
+    let address = args
+        .address
+        .clone()
+        .unwrap_or_else(|| "http://127.0.0.1:50051".into());
+    let connections = connection_count(&args.load);
+    let channels = grpc_channels(&address, connections).await?;
+    let run = run_id();
+    let report = measure(
+        "names",
+        address,
+        &args.load,
+        connections,
+        u64::from(args.load.iterations),
+        |index, mut recorder| {
+            let mut client = ElectionClient::new(channels[index as usize % channels.len()].clone());
+            let (kind, term, iterations) = (args.kind.clone(), args.term, args.load.iterations);
+            let run = run.clone();
+            async move {
+                for i in 0..iterations {
+                    let campaign = pb::CampaignRequest {
+                        election: format!("names-{run}-{index}-{i}"),
+                        candidate: "flood".to_owned(),
+                        term,
+                        kind: kind.clone(),
+                    };
+                    recorder
+                        .time(async {
+                            match client.campaign(campaign).await {
+                                Ok(r) if r.get_ref().elected => Ok(()),
+                                Ok(_) => Err("unexpected".to_owned()),
+                                Err(status) => Err(grpc_error(&status)),
+                            }
+                        })
                         .await;
                 }
                 recorder.result

@@ -358,6 +358,12 @@ impl ElectionService {
         .await
     }
 
+    /// Forgets what the store no longer needs to remember; says how many entries that removed.
+    /// See [`Store::housekeep`].
+    pub fn housekeep(&self) -> usize {
+        self.inner.store.housekeep()
+    }
+
     /// Readiness: the store can serve and the agent is not shutting down.
     pub async fn ready(&self) -> Result<(), ElectionError> {
         if self.inner.shutdown.is_cancelled() {

@@ -41,6 +41,10 @@ const READINESS_NAMES: [&str; 2] = ["readiness", grpc::SERVICE_NAME];
 
 /// How often readiness is checked for the gRPC health service.
 const READINESS_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the store forgets what it no longer needs.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
+/// How many entries housekeeping must have forgotten at once for the heap to be trimmed.
+const TRIM_AFTER_FORGETTING: usize = 1_000;
 
 /// The health reporter, and a lock that keeps readiness updates from landing after shutdown
 /// has reported NOT_SERVING.
@@ -190,6 +194,7 @@ async fn start_with(
         );
     }
 
+    servers.spawn(housekeeping(service.clone(), shutdown.clone()));
     servers.spawn(follow_readiness(
         service.clone(),
         health.clone(),
@@ -382,6 +387,44 @@ async fn follow_readiness(
     }
     Ok(())
 }
+
+/// Every [`HOUSEKEEPING_INTERVAL`], makes the store forget what it no longer needs (records of
+/// ended leases, old announcements) — and after a burst of names went, hands the memory they took
+/// back to the system, which the allocator would otherwise keep.
+async fn housekeeping(
+    service: ElectionService,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let forgotten = service.housekeep();
+        if forgotten >= TRIM_AFTER_FORGETTING {
+            tracing::debug!(forgotten, "forgot old elections; trimming the heap");
+            // It takes the allocator's locks for a moment: not on a runtime thread.
+            let _ = tokio::task::spawn_blocking(trim_heap).await;
+        }
+    }
+}
+
+/// Returns the free memory of glibc's heaps to the system: glibc returns only the top of each
+/// heap by itself, so a burst of small allocations would keep its pages after it was freed.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn trim_heap() {
+    // SAFETY: `malloc_trim` has no preconditions; it only releases pages of free chunks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Other allocators return freed memory by themselves.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}
 
 /// The standard health service, except that Watch streams end after shutdown has begun (once
 /// NOT_SERVING had a moment to reach them): an open Watch would otherwise hold the graceful

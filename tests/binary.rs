@@ -466,6 +466,25 @@ async fn a_short_benchmark_run_counts_every_request_of_the_workload() {
             .all(|l| l["name"].as_str().unwrap().starts_with("leader-"))
     );
 
+    // A flood of names: every request a campaign on an election of its own, each won.
+    let report = bench_report(&[
+        "names",
+        "--address",
+        &grpc,
+        "-c",
+        "2",
+        "-i",
+        "10",
+        "--kind",
+        "flood",
+    ])
+    .await;
+    assert_eq!(report["benchmark"], "names");
+    assert_eq!(report["requests"], 20, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    let (_, leaders, _) = client(&grpc, &["leaders", "--kind", "flood"]).await;
+    assert_eq!(leaders["leaders"].as_array().unwrap().len(), 20);
+
     // Failures are counted by kind, not hidden: a term the agent refuses.
     let report = bench_report(&[
         "grpc",

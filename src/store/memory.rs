@@ -6,7 +6,7 @@
 //! lease's token is above the highest token of every record removed so far.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -35,12 +35,36 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct State {
-    /// Records by kind, then by election, so listing a kind does not scan the others.
-    kinds: HashMap<Name, HashMap<Name, Entry>>,
+    /// Records by kind, so listing a kind does not scan the others.
+    kinds: HashMap<Name, Kind>,
     /// The highest token of any record removed so far: new leases get a higher one.
     retired: FencingToken,
     /// When to look for records to remove next (ms since `origin`).
     next_sweep: u64,
+}
+
+/// The records of one kind.
+#[derive(Default)]
+struct Kind {
+    /// By election.
+    records: HashMap<Name, Entry>,
+    /// The leases as last written, by expiry — some may have ended since: a listing reads the
+    /// live ones, not every record of the kind. Each write forgets a few ended ones, a listing
+    /// and housekeeping the rest (as `lease.lua` and `live.lua` keep the Redis index).
+    live: BTreeSet<(u64, Name)>,
+}
+
+/// How many ended leases each write forgets from its kind's index.
+const FORGET_PER_WRITE: usize = 8;
+
+/// Forgets up to `limit` leases of a kind's index that ended by `now`.
+fn forget_ended(live: &mut BTreeSet<(u64, Name)>, now: u64, limit: usize) {
+    for _ in 0..limit {
+        match live.first() {
+            Some((expires_at, _)) if *expires_at <= now => live.pop_first(),
+            _ => break,
+        };
+    }
 }
 
 struct Entry {
@@ -95,38 +119,48 @@ impl MemoryStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Removes the records whose lease ended a retention ago, now and then: at most every
-    /// half retention (and every minute), each sweep a pass over the records.
-    fn sweep(&self, state: &mut State, now: u64) {
+    /// Removes the records whose lease ended a retention ago — a pass over the records at most
+    /// every half retention (and every minute), off the request path; says how many it removed.
+    pub fn housekeep(&self) -> usize {
+        let now = self.now();
+        let mut state = self.state();
         if now < state.next_sweep {
-            return;
+            return 0;
         }
         let interval = u64::try_from(MAX_SWEEP_INTERVAL.as_millis()).unwrap_or(u64::MAX);
         state.next_sweep = now + (self.retention_ms / 2).clamp(1, interval);
-        let State { kinds, retired, .. } = state;
-        kinds.retain(|_, elections| {
-            elections.retain(|_, entry| {
+        let State { kinds, retired, .. } = &mut *state;
+        let mut removed = 0;
+        kinds.retain(|_, kind| {
+            kind.records.retain(|_, entry| {
                 let remove = entry.expired(now, self.retention_ms);
                 if remove {
                     *retired = (*retired).max(entry.record.token);
+                    removed += 1;
                 }
                 !remove
             });
             // A burst of names must not keep its table after the names are gone.
-            if elections.len() < elections.capacity() / 4 {
-                elections.shrink_to_fit();
+            if kind.records.len() < kind.records.capacity() / 4 {
+                kind.records.shrink_to_fit();
             }
-            !elections.is_empty()
+            forget_ended(&mut kind.live, now, usize::MAX);
+            !kind.records.is_empty()
         });
         if kinds.len() < kinds.capacity() / 4 {
             kinds.shrink_to_fit();
         }
+        removed
     }
 
     /// How many records the store holds (for tests).
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.state().kinds.values().map(HashMap::len).sum()
+        self.state()
+            .kinds
+            .values()
+            .map(|kind| kind.records.len())
+            .sum()
     }
 }
 
@@ -138,12 +172,10 @@ impl LeaseStore for MemoryStore {
     ) -> Result<Outcome, StoreError> {
         let now = self.now();
         let mut state = self.state();
-        self.sweep(&mut state, now);
         let floor = FencingToken(state.retired.0 + 1);
-        let entry = state
-            .kinds
-            .entry(election.kind.clone())
-            .or_default()
+        let kind = state.kinds.entry(election.kind.clone()).or_default();
+        let entry = kind
+            .records
             .entry(election.election.clone())
             .or_insert_with(|| Entry {
                 record: LeaseRecord::default(),
@@ -154,6 +186,16 @@ impl LeaseStore for MemoryStore {
             entry.changed = now;
             let previous = std::mem::replace(&mut entry.record, next);
             let record = &entry.record;
+            let expiry = |record: &LeaseRecord| record.lease.as_ref().map(|lease| lease.expires_at);
+            if expiry(&previous) != expiry(record) {
+                if let Some(expires_at) = expiry(&previous) {
+                    kind.live.remove(&(expires_at, election.election.clone()));
+                }
+                if let Some(expires_at) = expiry(record).filter(|at| *at > now) {
+                    kind.live.insert((expires_at, election.election.clone()));
+                }
+            }
+            forget_ended(&mut kind.live, now, FORGET_PER_WRITE);
             if let Some(cause) = decision.change {
                 let leader = match cause {
                     ChangeCause::Resigned => previous.lease.map(|lease| LeaderInfo {
@@ -185,20 +227,25 @@ impl LeaseStore for MemoryStore {
             .state()
             .kinds
             .get(&election.kind)
-            .and_then(|elections| elections.get(&election.election))
+            .and_then(|kind| kind.records.get(&election.election))
             .map(|entry| entry.record.leadership(now))
             .unwrap_or_default())
     }
 
     async fn leaders(&self, kind: &Name) -> Result<Vec<(Name, LeaderInfo)>, StoreError> {
         let now = self.now();
-        let mut leaders: Vec<_> = self
-            .state()
-            .kinds
-            .get(kind)
-            .into_iter()
-            .flatten()
-            .filter_map(|(election, entry)| Some((election.clone(), entry.record.leader(now)?)))
+        let mut state = self.state();
+        let Some(kind) = state.kinds.get_mut(kind) else {
+            return Ok(Vec::new());
+        };
+        forget_ended(&mut kind.live, now, usize::MAX);
+        let mut leaders: Vec<_> = kind
+            .live
+            .iter()
+            .filter_map(|(_, election)| {
+                let leader = kind.records.get(election)?.record.leader(now)?;
+                Some((election.clone(), leader))
+            })
             .collect();
         leaders.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         Ok(leaders)
@@ -220,6 +267,36 @@ mod tests {
     #[tokio::test]
     async fn memory_store_meets_the_lease_store_contract() {
         super::super::contract::run(&MemoryStore::new()).await;
+    }
+
+    /// A listing costs the live leases of the kind, not every record ever written in it.
+    #[tokio::test]
+    async fn a_listing_reads_the_live_leases_not_every_record_of_the_kind() {
+        let store = MemoryStore::new();
+        let key = |name: &str| ElectionKey {
+            kind: Name::parse("t", "flood").unwrap(),
+            election: Name::parse("t", name).unwrap(),
+        };
+        let campaign = |term| Command::Campaign {
+            candidate: Name::parse("t", "c").unwrap(),
+            term: crate::lease::Term::from_millis(term),
+        };
+        for i in 0..1_000 {
+            store
+                .execute(&key(&format!("e{i}")), campaign(100))
+                .await
+                .unwrap();
+        }
+        store.execute(&key("live"), campaign(60_000)).await.unwrap();
+        assert_eq!(store.leaders(&key("x").kind).await.unwrap().len(), 1_001);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let leaders = store.leaders(&key("x").kind).await.unwrap();
+        assert_eq!(leaders.len(), 1);
+        assert_eq!(leaders[0].0.as_str(), "live");
+        let state = store.state();
+        let kind = &state.kinds[&key("x").kind];
+        assert_eq!(kind.records.len(), 1_001, "records stay for the retention");
+        assert_eq!(kind.live.len(), 1, "the next listing reads one record");
     }
 
     /// Any client can send any number of election names: records of ended leases go after the
@@ -250,7 +327,8 @@ mod tests {
         assert_eq!(store.len(), 1_001);
 
         tokio::time::sleep(Duration::from_millis(600)).await;
-        // The next command sweeps: only the live lease's record is left.
+        assert_eq!(store.housekeep(), 1_000);
+        assert_eq!(store.len(), 1, "only the live lease's record is left");
         let again = match store.execute(&election(7), campaign(100)).await.unwrap() {
             Outcome::Leading { token } => token,
             other => panic!("{other:?}"),

@@ -107,6 +107,18 @@ pub enum Store {
     Redis(RedisStore),
 }
 
+impl Store {
+    /// Forgets what is no longer needed — records of leases that ended a retention ago (memory
+    /// store), elections not announced for a while (Redis) — off the request path; says how many
+    /// entries that removed. Call it every few seconds.
+    pub fn housekeep(&self) -> usize {
+        match self {
+            Store::Memory(store) => store.housekeep(),
+            Store::Redis(store) => store.housekeep(),
+        }
+    }
+}
+
 impl LeaseStore for Store {
     async fn execute(
         &self,

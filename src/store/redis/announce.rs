@@ -17,6 +17,7 @@
 
 use std::{
     collections::{HashMap, hash_map::Entry},
+    hash::{BuildHasher, RandomState},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -53,9 +54,21 @@ pub(crate) struct Announcer {
 /// holds the elections in use, not every name ever announced.
 #[derive(Default)]
 struct Announced {
-    versions: HashMap<ElectionKey, (Version, Instant)>,
-    /// When to forget old entries next.
-    next_prune: Option<Instant>,
+    /// By the election's [`Fingerprint`]: an entry holds no name, so a burst of names leaves no
+    /// small allocations behind once the table is gone.
+    versions: HashMap<u128, (Version, Instant)>,
+    fingerprint: Fingerprint,
+}
+
+/// A 128-bit keyed hash of an election: two elections share one only with a probability of
+/// about 2⁻¹²⁸ per pair, far below that of a memory error.
+#[derive(Default)]
+struct Fingerprint(RandomState, RandomState);
+
+impl Fingerprint {
+    fn of(&self, election: &ElectionKey) -> u128 {
+        u128::from(self.0.hash_one(election)) << 64 | u128::from(self.1.hash_one(election))
+    }
 }
 
 impl Announcer {
@@ -78,37 +91,44 @@ impl Announcer {
         self.events.subscribe()
     }
 
+    fn announced(&self) -> std::sync::MutexGuard<'_, Announced> {
+        self.announced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Passes `change` on to this agent's listeners if it is newer than the last change passed on
     /// for its election; says whether it was.
     pub(crate) fn announce(&self, change: LeaseChange) -> bool {
         let version = change.version();
-        let now = Instant::now();
-        let mut announced = self
-            .announced
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if announced.next_prune.is_none_or(|at| now >= at) {
-            announced.next_prune = Some(now + REMEMBER_ANNOUNCED / 6);
-            let versions = &mut announced.versions;
-            versions.retain(|_, (_, at)| now.duration_since(*at) < REMEMBER_ANNOUNCED);
-            // A burst of names must not keep its table after the names are gone.
-            if versions.len() < versions.capacity() / 4 {
-                versions.shrink_to_fit();
-            }
-        }
-        match announced.versions.entry(change.election.clone()) {
+        let mut announced = self.announced();
+        let fingerprint = announced.fingerprint.of(&change.election);
+        match announced.versions.entry(fingerprint) {
             Entry::Occupied(last) if last.get().0 >= version => return false,
             Entry::Occupied(mut last) => {
-                last.insert((version, now));
+                last.insert((version, Instant::now()));
             }
             Entry::Vacant(last) => {
-                last.insert((version, now));
+                last.insert((version, Instant::now()));
             }
         }
         // Sent under the lock, so listeners hear changes in version order. An error only means
         // nobody is listening.
         let _ = self.events.send(StoreEvent::Changed(change));
         true
+    }
+
+    /// Forgets the elections not announced for [`REMEMBER_ANNOUNCED`]; says how many.
+    pub(crate) fn prune(&self) -> usize {
+        let now = Instant::now();
+        let versions = &mut self.announced().versions;
+        let before = versions.len();
+        versions.retain(|_, (_, at)| now.duration_since(*at) < REMEMBER_ANNOUNCED);
+        // A burst of names must not keep its table after the names are gone.
+        if versions.len() < versions.capacity() / 4 {
+            versions.shrink_to_fit();
+        }
+        before - versions.len()
     }
 
     /// Tells listeners that changes may have been missed.
@@ -301,23 +321,28 @@ mod tests {
     #[test]
     fn elections_not_announced_for_a_while_are_forgotten() {
         let announcer = Announcer::new("test");
-        assert!(announcer.announce(change(ChangeCause::Elected, 3)));
-        let long_ago = Instant::now() - REMEMBER_ANNOUNCED - Duration::from_secs(1);
-        {
-            let mut announced = announcer.announced.lock().unwrap();
-            for (_, at) in announced.versions.values_mut() {
-                *at = long_ago;
-            }
-            announced.next_prune = Some(long_ago);
+        for name in 0..1000 {
+            let mut change = change(ChangeCause::Elected, 3);
+            change.election.election = Name::parse("test", &format!("e{name}")).unwrap();
+            assert!(announcer.announce(change));
         }
-        let mut other = change(ChangeCause::Elected, 1);
-        other.election.election = Name::parse("test", "other").unwrap();
-        assert!(announcer.announce(other));
-        let announced = announcer.announced.lock().unwrap();
+        assert_eq!(announcer.prune(), 0, "nothing is old enough yet");
+        assert_eq!(announcer.announced().versions.len(), 1000);
+        let long_ago = Instant::now() - REMEMBER_ANNOUNCED - Duration::from_secs(1);
+        for (_, at) in announcer.announced().versions.values_mut() {
+            *at = long_ago;
+        }
+        assert!(announcer.announce(change(ChangeCause::Elected, 3)));
+        assert_eq!(announcer.prune(), 1000);
+        let announced = announcer.announced();
         assert_eq!(
             announced.versions.len(),
             1,
             "only the election just announced"
+        );
+        assert!(
+            announced.versions.capacity() < 100,
+            "the burst's table is given back"
         );
     }
 }

@@ -666,6 +666,12 @@ enum Read {
 }
 
 impl RedisStore {
+    /// Forgets what the agent no longer needs to remember (elections not announced for a
+    /// while); says how many entries that removed.
+    pub fn housekeep(&self) -> usize {
+        self.shared.announcer.prune()
+    }
+
     /// Reads `election`; servers that disagree are asked again after a few milliseconds, long
     /// enough for a write in flight to land everywhere it is going.
     async fn read(&self, election: &ElectionKey) -> Result<Read, StoreError> {
