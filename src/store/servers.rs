@@ -1127,6 +1127,27 @@ impl RedisCluster {
         cluster
             .wait_until_ok(CLUSTER_READY_TIMEOUT.saturating_sub(started.elapsed()))
             .await;
+        // A write must reach a replica (EA_REDIS_REPLICA_ACKS): started means replicating.
+        let ports: Vec<u16> = cluster.nodes.iter().map(RedisServer::port).collect();
+        wait_until(
+            "cluster: every replica's link to its master up",
+            CLUSTER_READY_TIMEOUT.saturating_sub(started.elapsed()),
+            || {
+                let ports = ports.clone();
+                async move {
+                    for port in ports {
+                        let info = redis_cli(port, &["INFO", "replication"]).await?;
+                        if info_field(&info, "role") == Some("slave")
+                            && info_field(&info, "master_link_status") != Some("up")
+                        {
+                            return Err(format!("replica {port}: link to its master not up"));
+                        }
+                    }
+                    Ok(())
+                }
+            },
+        )
+        .await;
         cluster
     }
 
