@@ -15,7 +15,7 @@ use crate::{
     discovery::{Discovery, DiscoveryError, mapping::PodInfo},
     lease::{
         ChangeCause, Command, ElectionKey, FencingToken, InvalidArgument, LeaderInfo, Leadership,
-        Name, Outcome, TermBounds, Version,
+        Name, Outcome, Term, TermBounds, Version,
     },
     metrics::{Action, Metrics},
     store::{LeaseStore, Store, StoreError, StoreEvent},
@@ -176,6 +176,20 @@ impl ElectionService {
         self.inner.store.subscribe()
     }
 
+    /// The typed core: commands on validated elections, names and terms, with no request
+    /// metrics — what the controller calls. The request methods below validate a request's
+    /// strings, then call it, timed as client requests.
+    pub fn leases(&self) -> Leases<'_> {
+        Leases {
+            store: &self.inner.store,
+        }
+    }
+
+    /// `term_ms` as a term within the agent's bounds (`field` names it in the error).
+    pub fn term(&self, field: &'static str, term_ms: i64) -> Result<Term, InvalidArgument> {
+        self.inner.terms.parse(field, term_ms)
+    }
+
     /// Campaigns for `term_ms` milliseconds. Losing is not an error: `elected` is false and
     /// `leader` names the current holder.
     pub async fn campaign(
@@ -188,22 +202,8 @@ impl ElectionService {
         self.instrumented(Action::Campaign, async {
             let key = election_key(kind, election)?;
             let candidate = Name::parse("candidate", candidate)?;
-            let term = self.inner.terms.parse("term", term_ms)?;
-            let command = Command::Campaign {
-                candidate: candidate.clone(),
-                term,
-            };
-            let (elected, leader, token) = match self.inner.store.execute(&key, command).await? {
-                Outcome::Leading { token } => (true, candidate, token),
-                Outcome::Following { leader, token } => (false, leader, token),
-                other => unreachable_outcome(&other),
-            };
-            Ok(Campaigned {
-                elected,
-                leader,
-                kind: key.kind,
-                token,
-            })
+            let term = self.term("term", term_ms)?;
+            self.leases().campaign(&key, &candidate, term).await
         })
         .await
     }
@@ -222,36 +222,18 @@ impl ElectionService {
         self.instrumented(Action::ExtendElectedTerm, async {
             let key = election_key(kind, election)?;
             let leader = Name::parse("leader", leader)?;
-            let term = self.inner.terms.parse("term", term_ms)?;
+            let term = self.term("term", term_ms)?;
             let retries = bounded("retries", retries, MAX_RETRIES)?;
             let interval = bounded("retry_interval", retry_interval_ms, MAX_RETRY_INTERVAL_MS)?;
-            let command = Command::Extend {
-                leader: leader.clone(),
-                term,
-            };
             let mut attempt = 0;
-            let outcome = loop {
-                match self.inner.store.execute(&key, command.clone()).await {
-                    Err(StoreError::Unavailable(_)) if attempt < retries => {
+            loop {
+                match self.leases().extend(&key, &leader, term).await {
+                    Err(ElectionError::Unavailable(_)) if attempt < retries => {
                         attempt += 1;
                         tokio::time::sleep(Duration::from_millis(interval)).await;
                     }
-                    result => break result?,
+                    result => break result,
                 }
-            };
-            match outcome {
-                Outcome::Leading { token } => Ok(token),
-                Outcome::NotHolder { holder: None } => {
-                    Err(ElectionError::NoLeader { election: key })
-                }
-                Outcome::NotHolder {
-                    holder: Some(holder),
-                } => Err(ElectionError::HeldByOther {
-                    election: key,
-                    holder,
-                    caller: leader,
-                }),
-                other => unreachable_outcome(&other),
             }
         })
         .await
@@ -267,20 +249,7 @@ impl ElectionService {
         self.instrumented(Action::Resign, async {
             let key = election_key(kind, election)?;
             let leader = Name::parse("leader", leader)?;
-            let command = Command::Resign {
-                leader: leader.clone(),
-            };
-            match self.inner.store.execute(&key, command).await? {
-                Outcome::Resigned => Ok(()),
-                Outcome::NotHolder {
-                    holder: Some(holder),
-                } => Err(ElectionError::NotLeader {
-                    election: key,
-                    holder,
-                    caller: leader,
-                }),
-                other => unreachable_outcome(&other),
-            }
+            self.leases().resign(&key, &leader).await
         })
         .await
     }
@@ -296,16 +265,8 @@ impl ElectionService {
         self.instrumented(Action::Handover, async {
             let key = election_key(kind, election)?;
             let leader = Name::parse("leader", leader)?;
-            let term = self.inner.terms.parse("term", term_ms)?;
-            match self
-                .inner
-                .store
-                .execute(&key, Command::Handover { leader, term })
-                .await?
-            {
-                Outcome::HandedOver { token } => Ok(token),
-                other => unreachable_outcome(&other),
-            }
+            let term = self.term("term", term_ms)?;
+            self.leases().handover(&key, &leader, term).await
         })
         .await
     }
@@ -313,13 +274,7 @@ impl ElectionService {
     /// The live leader of an election.
     pub async fn leader(&self, kind: &str, election: &str) -> Result<LeaderInfo, ElectionError> {
         self.instrumented(Action::GetLeader, async {
-            let key = election_key(kind, election)?;
-            self.inner
-                .store
-                .leadership(&key)
-                .await?
-                .leader
-                .ok_or(ElectionError::NoLeader { election: key })
+            self.leases().leader(&election_key(kind, election)?).await
         })
         .await
     }
@@ -330,7 +285,7 @@ impl ElectionService {
         kind: &str,
     ) -> Result<(Name, Vec<(Name, LeaderInfo)>), ElectionError> {
         self.instrumented(Action::ListLeaders, async {
-            let kind = Name::parse_kind("kind", kind)?;
+            let kind = public_kind(kind)?;
             let leaders = self.inner.store.leaders(&kind).await?;
             Ok((kind, leaders))
         })
@@ -406,9 +361,27 @@ impl ElectionService {
     }
 }
 
-fn election_key(kind: &str, election: &str) -> Result<ElectionKey, InvalidArgument> {
+/// The kind of the lease the agent replicas campaign for to run the Election controller: out of
+/// reach of the public API, so no client can take, hand over or resign it.
+pub const CONTROLLER_KIND: &str = "election-agent.io";
+
+/// A request's kind: any valid kind but the controller's.
+fn public_kind(kind: &str) -> Result<Name, InvalidArgument> {
+    let kind = Name::parse_kind("kind", kind)?;
+    if kind.as_str() == CONTROLLER_KIND {
+        return Err(InvalidArgument::new(
+            "kind",
+            format!("{CONTROLLER_KIND:?} is reserved for the agent's own controller lease"),
+        ));
+    }
+    Ok(kind)
+}
+
+/// The election a request (or an Election object) names: refused when a name is invalid or the
+/// kind is the controller's.
+pub fn election_key(kind: &str, election: &str) -> Result<ElectionKey, InvalidArgument> {
     Ok(ElectionKey {
-        kind: Name::parse_kind("kind", kind)?,
+        kind: public_kind(kind)?,
         election: Name::parse("election", election)?,
     })
 }
@@ -425,6 +398,112 @@ fn bounded(field: &'static str, value: i64, max: u64) -> Result<u64, InvalidArgu
 
 /// The lease engine answers each command with one of a known set of outcomes; anything else is a
 /// bug in a store.
+/// The service's typed core; see [`ElectionService::leases`].
+#[derive(Clone, Copy)]
+pub struct Leases<'a> {
+    store: &'a Store,
+}
+
+impl Leases<'_> {
+    /// Campaigns for `term`. Losing is not an error: `elected` is false and `leader` names the
+    /// current holder.
+    pub async fn campaign(
+        self,
+        election: &ElectionKey,
+        candidate: &Name,
+        term: Term,
+    ) -> Result<Campaigned, ElectionError> {
+        let command = Command::Campaign {
+            candidate: candidate.clone(),
+            term,
+        };
+        let (elected, leader, token) = match self.store.execute(election, command).await? {
+            Outcome::Leading { token } => (true, candidate.clone(), token),
+            Outcome::Following { leader, token } => (false, leader, token),
+            other => unreachable_outcome(&other),
+        };
+        Ok(Campaigned {
+            elected,
+            leader,
+            kind: election.kind.clone(),
+            token,
+        })
+    }
+
+    /// Renews the leader's lease (once).
+    pub async fn extend(
+        self,
+        election: &ElectionKey,
+        leader: &Name,
+        term: Term,
+    ) -> Result<FencingToken, ElectionError> {
+        let command = Command::Extend {
+            leader: leader.clone(),
+            term,
+        };
+        match self.store.execute(election, command).await? {
+            Outcome::Leading { token } => Ok(token),
+            Outcome::NotHolder { holder: None } => Err(ElectionError::NoLeader {
+                election: election.clone(),
+            }),
+            Outcome::NotHolder {
+                holder: Some(holder),
+            } => Err(ElectionError::HeldByOther {
+                election: election.clone(),
+                holder,
+                caller: leader.clone(),
+            }),
+            other => unreachable_outcome(&other),
+        }
+    }
+
+    /// Gives up leadership at once. Succeeds when nobody leads; fails when someone else does.
+    pub async fn resign(self, election: &ElectionKey, leader: &Name) -> Result<(), ElectionError> {
+        let command = Command::Resign {
+            leader: leader.clone(),
+        };
+        match self.store.execute(election, command).await? {
+            Outcome::Resigned => Ok(()),
+            Outcome::NotHolder {
+                holder: Some(holder),
+            } => Err(ElectionError::NotLeader {
+                election: election.clone(),
+                holder,
+                caller: leader.clone(),
+            }),
+            other => unreachable_outcome(&other),
+        }
+    }
+
+    /// Makes `leader` the leader for `term`, whoever led before.
+    pub async fn handover(
+        self,
+        election: &ElectionKey,
+        leader: &Name,
+        term: Term,
+    ) -> Result<FencingToken, ElectionError> {
+        let command = Command::Handover {
+            leader: leader.clone(),
+            term,
+        };
+        match self.store.execute(election, command).await? {
+            Outcome::HandedOver { token } => Ok(token),
+            other => unreachable_outcome(&other),
+        }
+    }
+
+    /// The live leader of an election.
+    pub async fn leader(self, election: &ElectionKey) -> Result<LeaderInfo, ElectionError> {
+        self.store
+            .leadership(election)
+            .await?
+            .leader
+            .ok_or_else(|| ElectionError::NoLeader {
+                election: election.clone(),
+            })
+    }
+}
+
 fn unreachable_outcome(outcome: &Outcome) -> ! {
     unreachable!(
         "a lease store returned {outcome:?}, which the lease engine never decides for this command"

@@ -26,7 +26,8 @@ pub struct InvalidArgument {
 }
 
 impl InvalidArgument {
-    fn new(field: &'static str, reason: impl Into<String>) -> Self {
+    /// `field` refused for `reason`.
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
         Self {
             field,
             reason: reason.into(),

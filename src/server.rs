@@ -26,6 +26,7 @@ use crate::{
     election::ElectionService,
     grpc::{self, ElectionGrpc},
     http,
+    lease::{Name, Term},
     metrics::Metrics,
     operator::{self, OperatorMetrics},
     store::{MemoryStore, RedisStore, Store, redis::EndpointError},
@@ -121,12 +122,17 @@ fn store(config: &Config, metrics: &Metrics) -> Result<Store, ServerError> {
 }
 
 /// Who this agent is when it campaigns to run the controller: its pod name (`HOSTNAME` in
-/// Kubernetes), else `EA_NAME` and the process id.
-fn controller_identity(name: &str) -> String {
-    std::env::var("HOSTNAME")
+/// Kubernetes), else `EA_NAME`, with a random suffix — unique to this process, so a restarted
+/// agent never takes itself for the replica that held the lease before.
+fn controller_identity(name: &str) -> Name {
+    let host = std::env::var("HOSTNAME")
         .ok()
         .filter(|host| !host.is_empty())
-        .unwrap_or_else(|| format!("{name}-{}", std::process::id()))
+        .unwrap_or_else(|| name.to_owned());
+    let unique = |base: &str| format!("{base}-{:08x}", fastrand::u32(..));
+    Name::parse("identity", &unique(&host))
+        .or_else(|_| Name::parse("identity", &unique("election-agent")))
+        .expect("a valid name")
 }
 
 /// Starts the agent: binds every enabled listener and serves until shut down. With
@@ -187,7 +193,9 @@ async fn start_with(
                     [namespace] => Some(namespace.clone()),
                     _ => None,
                 },
-                config.controller_term,
+                Term::from_millis(
+                    u64::try_from(config.controller_term.as_millis()).unwrap_or(u64::MAX),
+                ),
                 shutdown.clone(),
             )
             .map(Ok),

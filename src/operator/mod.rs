@@ -40,8 +40,8 @@ use self::{
     plan::{LabelMove, LeaseAction, LeaseView, Observed, PodState},
 };
 use crate::{
-    election::{ElectionError, ElectionService},
-    lease::FencingToken,
+    election::{CONTROLLER_KIND, ElectionError, ElectionService, election_key},
+    lease::{ElectionKey, FencingToken, Name, Term},
     store::StoreEvent,
 };
 
@@ -49,8 +49,8 @@ use crate::{
 pub const FINALIZER: &str = "election-agent.io/lease";
 /// The field manager of the status the controller applies.
 const FIELD_MANAGER: &str = "election-agent";
-/// The lease the agent replicas campaign for to run the controller.
-const CONTROLLER_KIND: &str = "election-agent.io";
+/// The election (of kind [`CONTROLLER_KIND`]) the agent replicas campaign for to run the
+/// controller.
 const CONTROLLER_ELECTION: &str = "controller";
 /// How long the controller waits for more triggers of the same Election before reconciling.
 const DEBOUNCE: Duration = Duration::from_millis(50);
@@ -67,6 +67,9 @@ pub enum OperatorError {
     /// Adding or removing the finalizer failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<finalizer::Error<OperatorError>>),
+    /// What the step needs is not there yet (caches not synced, a lease that keeps moving).
+    #[error("not ready: {0}")]
+    NotReady(String),
 }
 
 impl OperatorError {
@@ -76,6 +79,7 @@ impl OperatorError {
             Self::Kube(_) => "kube",
             Self::Store(_) => "store",
             Self::Finalizer(_) => "finalizer",
+            Self::NotReady(_) => "not_ready",
         }
     }
 }
@@ -89,6 +93,7 @@ pub struct OperatorMetrics {
     duration: Histogram,
     leader_changes: IntCounterVec,
     managed: IntGauge,
+    lease_commands: IntCounterVec,
 }
 
 impl OperatorMetrics {
@@ -102,7 +107,7 @@ impl OperatorMetrics {
             errors: IntCounterVec::new(
                 Opts::new(
                     "election_agent_controller_reconcile_errors_total",
-                    "Failed reconciles, by error (kube|store|finalizer).",
+                    "Failed reconciles, by error (kube|store|finalizer|not_ready).",
                 ),
                 &["error"],
             )?,
@@ -124,13 +129,28 @@ impl OperatorMetrics {
                 "election_agent_controller_elections_managed",
                 "Elections in managed mode that this controller keeps.",
             )?,
+            lease_commands: IntCounterVec::new(
+                Opts::new(
+                    "election_agent_controller_lease_commands_total",
+                    "Lease store commands of the controller (its own lease and the Elections'), \
+                     by command (campaign|extend|handover|resign|read); they are not client \
+                     requests, so election_agent_request_duration_seconds leaves them out.",
+                ),
+                &["command"],
+            )?,
         };
         registry.register(Box::new(metrics.reconciles.clone()))?;
         registry.register(Box::new(metrics.errors.clone()))?;
         registry.register(Box::new(metrics.duration.clone()))?;
         registry.register(Box::new(metrics.leader_changes.clone()))?;
         registry.register(Box::new(metrics.managed.clone()))?;
+        registry.register(Box::new(metrics.lease_commands.clone()))?;
         Ok(metrics)
+    }
+
+    /// Counts one lease store command of the controller.
+    fn command(&self, command: &str) {
+        self.lease_commands.with_label_values(&[command]).inc();
     }
 }
 
@@ -155,26 +175,25 @@ pub async fn run(
     client: Client,
     service: ElectionService,
     metrics: OperatorMetrics,
-    identity: String,
+    identity: Name,
     namespace: Option<String>,
-    term: Duration,
+    term: Term,
     shutdown: CancellationToken,
 ) {
-    let term_ms = i64::try_from(term.as_millis()).unwrap_or(i64::MAX);
-    let beat = term / 3;
+    let key = controller_lease();
+    let leases = service.leases();
+    let beat = Duration::from_millis(term.as_millis()) / 3;
     while !shutdown.is_cancelled() {
-        match service
-            .campaign(CONTROLLER_KIND, CONTROLLER_ELECTION, &identity, term_ms)
-            .await
-        {
+        metrics.command("campaign");
+        match leases.campaign(&key, &identity, term).await {
             Ok(won) if won.elected => {
-                tracing::info!(identity, "leading: running the Election controller");
+                tracing::info!(%identity, "leading: running the Election controller");
                 let leading = shutdown.child_token();
                 let controller = tokio::spawn(run_controller(
                     client.clone(),
                     service.clone(),
                     metrics.clone(),
-                    identity.clone(),
+                    identity.to_string(),
                     namespace.clone(),
                     leading.clone(),
                 ));
@@ -183,18 +202,9 @@ pub async fn run(
                         () = shutdown.cancelled() => break,
                         () = tokio::time::sleep(beat) => {}
                     }
-                    let renewed = service
-                        .extend(
-                            CONTROLLER_KIND,
-                            CONTROLLER_ELECTION,
-                            &identity,
-                            term_ms,
-                            0,
-                            0,
-                        )
-                        .await;
-                    if let Err(err) = renewed {
-                        tracing::warn!(identity, error = %err, "lost the controller lease: stopping the controller");
+                    metrics.command("extend");
+                    if let Err(err) = leases.extend(&key, &identity, term).await {
+                        tracing::warn!(%identity, error = %err, "lost the controller lease: stopping the controller");
                         break;
                     }
                 }
@@ -202,9 +212,8 @@ pub async fn run(
                 let _ = controller.await;
                 if shutdown.is_cancelled() {
                     // Let another replica take over at once rather than after the term.
-                    let _ = service
-                        .resign(CONTROLLER_KIND, CONTROLLER_ELECTION, &identity)
-                        .await;
+                    metrics.command("resign");
+                    let _ = leases.resign(&key, &identity).await;
                     return;
                 }
             }
@@ -215,6 +224,15 @@ pub async fn run(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(beat) => {}
         }
+    }
+}
+
+/// The lease the agent replicas campaign for to run the controller, of a kind the public API
+/// refuses.
+pub fn controller_lease() -> ElectionKey {
+    ElectionKey {
+        kind: Name::parse("kind", CONTROLLER_KIND).expect("a valid kind"),
+        election: Name::parse("election", CONTROLLER_ELECTION).expect("a valid name"),
     }
 }
 
@@ -408,12 +426,9 @@ fn read_pods(election: &Election, ctx: &Context) -> Reading {
 }
 
 /// The live lease, `Ok(None)` when nobody leads, `Err` when the store cannot say.
-async fn read_lease(election: &Election, ctx: &Context) -> Result<Option<LeaseView>, String> {
-    match ctx
-        .service
-        .leader(&election.spec.kind, &election.lease_name())
-        .await
-    {
+async fn read_lease(key: &ElectionKey, ctx: &Context) -> Result<Option<LeaseView>, String> {
+    ctx.metrics.command("read");
+    match ctx.service.leases().leader(key).await {
         Ok(info) => Ok(Some(LeaseView {
             leader: info.leader.as_str().to_owned(),
             token: info.token.0,
@@ -424,18 +439,34 @@ async fn read_lease(election: &Election, ctx: &Context) -> Result<Option<LeaseVi
     }
 }
 
-async fn apply(election: &Election, ctx: &Context) -> Result<Action, OperatorError> {
-    let namespace = election.namespace().unwrap_or_default();
-    let term = term_ms(&election.spec.term);
-    let mut spec_error = match term {
-        None => Some(format!(
+/// The lease an Election keeps, as the store names it — or why the spec names none.
+fn lease_key(election: &Election) -> Result<ElectionKey, String> {
+    election_key(&election.spec.kind, &election.lease_name()).map_err(|err| format!("spec: {err}"))
+}
+
+/// The Election's term, within the agent's bounds — or why it is not.
+fn lease_term(election: &Election, ctx: &Context) -> Result<Term, String> {
+    let term_ms = term_ms(&election.spec.term).ok_or_else(|| {
+        format!(
             "term {:?} is not a duration such as 15s",
             election.spec.term
-        )),
-        Some(_) if election.spec.managed && election.spec.deployment.is_none() => {
+        )
+    })?;
+    ctx.service
+        .term("term", term_ms)
+        .map_err(|err| format!("spec: {err}"))
+}
+
+async fn apply(election: &Election, ctx: &Context) -> Result<Action, OperatorError> {
+    let namespace = election.namespace().unwrap_or_default();
+    let key = lease_key(election);
+    let term = lease_term(election, ctx);
+    let mut spec_error = match (&key, &term) {
+        (Err(err), _) | (_, Err(err)) => Some(err.clone()),
+        _ if election.spec.managed && election.spec.deployment.is_none() => {
             Some("managed mode needs spec.deployment".into())
         }
-        Some(_) => None,
+        _ => None,
     };
     let all = ctx.elections.state();
     let conflicts = plan::conflicting(election, &all);
@@ -447,46 +478,56 @@ async fn apply(election: &Election, ctx: &Context) -> Result<Action, OperatorErr
         && pods_error.is_none()
         && plan::owns_lease(election, &conflicts);
     let mut action_error = None;
-    let mut lease = read_lease(election, ctx).await;
-    if acts && let Ok(current) = &lease {
-        let term = term.unwrap_or_default();
+    let mut lease = match &key {
+        Ok(key) => read_lease(key, ctx).await,
+        Err(err) => Err(err.clone()),
+    };
+    if acts && let (Ok(key), Ok(term), Ok(current)) = (&key, &term, &lease) {
+        let (key, term) = (key, *term);
         let leader = current.as_ref().map(|l| l.leader.as_str());
         let decided = plan::lease_action(leader, &pods, election.spec.prefer_newest_revision);
         // The command's answer says what the lease is now: no second read of the store.
-        let leading = |pod: &str, token: FencingToken| {
-            Ok(Some(LeaseView {
-                leader: pod.to_owned(),
+        let leading = |pod: &Name, token: FencingToken| {
+            Some(LeaseView {
+                leader: pod.as_str().to_owned(),
                 token: token.0,
-                ttl_ms: u64::try_from(term).unwrap_or_default(),
-            }))
+                ttl_ms: term.as_millis(),
+            })
         };
-        let (kind, name) = (&election.spec.kind, election.lease_name());
+        let leases = ctx.service.leases();
+        let pod = |pod: &str| Name::parse("pod", pod).map_err(ElectionError::from);
+        if let Some(command) = decided.command() {
+            ctx.metrics.command(command);
+        }
         let done = match &decided {
-            LeaseAction::Extend(pod) => ctx
-                .service
-                .extend(kind, &name, pod, term, 0, 0)
-                .await
-                .map(|token| leading(pod, token)),
-            LeaseAction::Handover(pod) => ctx
-                .service
-                .handover(kind, &name, pod, term)
-                .await
-                .map(|token| leading(pod, token)),
-            LeaseAction::Resign(pod) => ctx
-                .service
-                .resign(kind, &name, pod)
-                .await
-                .map(|()| Ok(None)),
-            LeaseAction::Nothing => Ok(lease.clone()),
+            LeaseAction::Extend(name) => match pod(name) {
+                Ok(pod) => leases
+                    .extend(key, &pod, term)
+                    .await
+                    .map(|token| leading(&pod, token)),
+                Err(err) => Err(err),
+            },
+            LeaseAction::Handover(name) => match pod(name) {
+                Ok(pod) => leases
+                    .handover(key, &pod, term)
+                    .await
+                    .map(|token| leading(&pod, token)),
+                Err(err) => Err(err),
+            },
+            LeaseAction::Resign(name) => match pod(name) {
+                Ok(pod) => leases.resign(key, &pod).await.map(|()| None),
+                Err(err) => Err(err),
+            },
+            LeaseAction::Nothing => Ok(current.clone()),
         };
         match done {
-            Ok(now) => lease = now,
+            Ok(now) => lease = Ok(now),
             // Someone else changed the lease in between: read what it is now (the change also
             // triggers a new round).
             Err(ElectionError::HeldByOther { .. } | ElectionError::NoLeader { .. }) => {
-                lease = read_lease(election, ctx).await;
+                lease = read_lease(key, ctx).await;
             }
-            // A term outside the agent's bounds: nothing to retry until the spec changes.
+            // Nothing to retry until the spec (or the pod) changes.
             Err(ElectionError::InvalidArgument(err)) => spec_error = Some(err.to_string()),
             Err(err) => action_error = Some(err),
         }
@@ -514,7 +555,7 @@ async fn apply(election: &Election, ctx: &Context) -> Result<Action, OperatorErr
     // Managed leases are renewed every third of their term; otherwise look again when the
     // lease would expire (expiry is not announced), and at least every five minutes.
     let requeue = match (&lease, term) {
-        (_, Some(term)) if acts => Duration::from_millis((term / 3).max(200) as u64),
+        (_, Ok(term)) if acts => Duration::from_millis((term.as_millis() / 3).max(200)),
         (Ok(Some(lease)), _) => Duration::from_millis(lease.ttl_ms + 50),
         _ => Duration::from_secs(300),
     };
@@ -610,28 +651,55 @@ async fn publish(
     Ok(())
 }
 
-/// Before the Election goes: give up its lease (whoever holds it — unless another Election owns
-/// that lease) and, in managed mode, take the leader label off its pods.
+/// How often cleanup reads and resigns a lease that keeps moving before it tries again later.
+const RESIGN_ATTEMPTS: usize = 5;
+
+/// Before the Election goes: in managed mode, take the leader label off its pods; then give up
+/// its lease (unless another Election owns that lease). The finalizer is removed only once both
+/// are done: when the caches cannot say which pods are labelled, or the store fails, the
+/// reconcile fails and is retried.
 async fn cleanup(election: &Election, ctx: &Context) -> Result<Action, OperatorError> {
+    if election.spec.managed {
+        let namespace = election.namespace().unwrap_or_default();
+        let Reading { pods, pods_error } = read_pods(election, ctx);
+        if let Some(why) = pods_error {
+            return Err(OperatorError::NotReady(format!(
+                "cannot take the leader label off the pods yet: {why}"
+            )));
+        }
+        move_labels(election, ctx, &namespace, &pods, None).await?;
+    }
     let all = ctx.elections.state();
     let conflicts = plan::conflicting(election, &all);
-    if plan::owns_lease(election, &conflicts) {
-        let (kind, name) = (&election.spec.kind, election.lease_name());
-        match ctx.service.leader(kind, &name).await {
-            Ok(info) => match ctx.service.resign(kind, &name, info.leader.as_str()).await {
-                Ok(()) | Err(ElectionError::NotLeader { .. }) => {}
-                Err(err) => return Err(err.into()),
-            },
-            Err(ElectionError::NoLeader { .. }) => {}
+    if plan::owns_lease(election, &conflicts)
+        && let Ok(key) = lease_key(election)
+    {
+        resign_whoever_leads(&key, ctx).await?;
+    }
+    Ok(Action::await_change())
+}
+
+/// Ends the lease of `key`, whoever holds it: resigns the holder it read, and reads again if the
+/// lease moved in between (a resign names its holder, so it never ends a lease it did not read).
+async fn resign_whoever_leads(key: &ElectionKey, ctx: &Context) -> Result<(), OperatorError> {
+    let leases = ctx.service.leases();
+    for _ in 0..RESIGN_ATTEMPTS {
+        ctx.metrics.command("read");
+        let holder = match leases.leader(key).await {
+            Ok(info) => info.leader,
+            Err(ElectionError::NoLeader { .. }) => return Ok(()),
+            Err(err) => return Err(err.into()),
+        };
+        ctx.metrics.command("resign");
+        match leases.resign(key, &holder).await {
+            Ok(()) => return Ok(()),
+            Err(ElectionError::NotLeader { .. }) => {}
             Err(err) => return Err(err.into()),
         }
     }
-    if election.spec.managed {
-        let namespace = election.namespace().unwrap_or_default();
-        let Reading { pods, .. } = read_pods(election, ctx);
-        move_labels(election, ctx, &namespace, &pods, None).await?;
-    }
-    Ok(Action::await_change())
+    Err(OperatorError::NotReady(format!(
+        "the lease of {key} moved each of {RESIGN_ATTEMPTS} times it was given up"
+    )))
 }
 
 #[cfg(test)]
@@ -789,6 +857,7 @@ mod tests {
         ElectionService,
         Election,
         tokio::task::JoinHandle<Result<Action, OperatorError>>,
+        OperatorMetrics,
     ) {
         let (mock, api) = mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(mock, "default");
@@ -799,8 +868,9 @@ mod tests {
             .unwrap();
         let election = election(deleting);
         let ctx = context(client, service.clone(), &election);
+        let metrics = ctx.metrics.clone();
         let reconciling = tokio::spawn(reconcile(Arc::new(election.clone()), ctx));
-        (api, service, election, reconciling)
+        (api, service, election, reconciling, metrics)
     }
 
     async fn expect_label_removed(api: &mut ApiServer, pod: &str) {
@@ -814,7 +884,7 @@ mod tests {
 
     #[tokio::test]
     async fn managed_mode_moves_leadership_and_the_label_to_the_new_revision() {
-        let (mut api, service, election, reconciling) = reconciling(false).await;
+        let (mut api, service, election, reconciling, metrics) = reconciling(false).await;
 
         // The old leader loses the label before the new one gets it.
         expect_label_removed(&mut api, "web-1-a").await;
@@ -875,18 +945,23 @@ mod tests {
             Action::requeue(Duration::from_secs(5)),
             "renewed every third of the term"
         );
-        let reads: u64 = service
+        let commands = |command: &str| metrics.lease_commands.with_label_values(&[command]).get();
+        assert_eq!(
+            (commands("read"), commands("handover")),
+            (1, 1),
+            "one read of the lease per reconcile; the handover's answer tells the rest"
+        );
+        let requests: u64 = service
             .metrics()
             .encode()
             .lines()
-            .filter(|l| {
-                l.starts_with("election_agent_request_duration_seconds_count{action=\"get_leader\"")
-            })
+            .filter(|l| l.starts_with("election_agent_request_duration_seconds_count"))
+            .filter(|l| !l.contains("action=\"campaign\""))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum();
         assert_eq!(
-            reads, 1,
-            "one read of the lease per reconcile; the handover's answer tells the rest"
+            requests, 0,
+            "the controller's commands are not client requests (the test's campaign is)"
         );
         let lease = service.leader("default", "jobs").await.unwrap();
         assert_eq!((lease.leader.as_str(), lease.token.0), ("web-2-a", 2));
@@ -894,7 +969,7 @@ mod tests {
 
     #[tokio::test]
     async fn deleting_an_election_gives_up_its_lease_and_label_then_releases_the_object() {
-        let (mut api, service, election, reconciling) = reconciling(true).await;
+        let (mut api, service, election, reconciling, _) = reconciling(true).await;
 
         expect_label_removed(&mut api, "web-1-a").await;
         let mut released = election.clone();
@@ -919,6 +994,51 @@ mod tests {
             Err(ElectionError::NoLeader { .. })
         ));
     }
+
+    /// Caches that never synced cannot say which pods carry the label: the finalizer stays, the
+    /// lease too, and the reconcile fails (to be retried) without a request to the API server.
+    #[tokio::test]
+    async fn deleting_with_unsynced_caches_keeps_the_finalizer_and_retries() {
+        let (mock, mut api) = mock::pair::<Request<Body>, Response<Body>>();
+        let unsynced = Caches {
+            pods: reflector::store().0,
+            replica_sets: reflector::store().0,
+            deployments: reflector::store().0,
+        };
+        let service = ElectionService::new(
+            Store::Memory(MemoryStore::new()),
+            Some(Discovery::from_caches(unsynced)),
+            TermBounds::default(),
+            Arc::new(Metrics::new("test", vec![1.0]).unwrap()),
+            CancellationToken::new(),
+        );
+        service
+            .campaign("default", "jobs", "web-1-a", 15_000)
+            .await
+            .unwrap();
+        let election = election(true);
+        let ctx = context(Client::new(mock, "default"), service.clone(), &election);
+        let result = reconcile(Arc::new(election), ctx).await;
+        assert!(
+            matches!(&result, Err(OperatorError::NotReady(why)) if why.contains("label")),
+            "{result:?}"
+        );
+        let request = tokio::time::timeout(Duration::from_millis(100), api.next_request()).await;
+        assert!(
+            !matches!(request, Ok(Some(_))),
+            "no finalizer removed, no label touched"
+        );
+        assert_eq!(
+            service
+                .leader("default", "jobs")
+                .await
+                .unwrap()
+                .leader
+                .as_str(),
+            "web-1-a",
+            "the lease stays until the labels are gone"
+        );
+    }
 }
 
 #[cfg(test)]
@@ -936,7 +1056,8 @@ mod leadership_tests {
 
     async fn holder(service: &ElectionService) -> Option<String> {
         service
-            .leader(CONTROLLER_KIND, CONTROLLER_ELECTION)
+            .leases()
+            .leader(&controller_lease())
             .await
             .ok()
             .map(|info| info.leader.as_str().to_owned())
@@ -972,9 +1093,9 @@ mod leadership_tests {
                 client.clone(),
                 service.clone(),
                 metrics.clone(),
-                name.into(),
+                Name::parse("identity", name).unwrap(),
                 None,
-                Duration::from_secs(1),
+                Term::from_millis(1_000),
                 stop.clone(),
             ))
         };
@@ -1003,9 +1124,31 @@ mod leadership_tests {
         })
         .await;
 
-        // Someone else takes the lease from under replica-b: it notices at its next renewal.
-        service
+        // No client can hand the lease over (or resign it, or campaign for it).
+        let refused = service
             .handover(CONTROLLER_KIND, CONTROLLER_ELECTION, "intruder", 60_000)
+            .await;
+        assert!(
+            matches!(&refused, Err(ElectionError::InvalidArgument(err)) if err.field == "kind"),
+            "{refused:?}"
+        );
+        assert!(
+            service
+                .resign(CONTROLLER_KIND, CONTROLLER_ELECTION, "replica-b")
+                .await
+                .is_err()
+        );
+        assert_eq!(holder(&service).await.as_deref(), Some("replica-b"));
+
+        // Another replica takes the lease from under replica-b (its renewals were late, say):
+        // replica-b notices at its next renewal.
+        service
+            .leases()
+            .handover(
+                &controller_lease(),
+                &Name::parse("identity", "intruder").unwrap(),
+                Term::from_millis(60_000),
+            )
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(700)).await;

@@ -65,6 +65,18 @@ pub enum LeaseAction {
     Nothing,
 }
 
+impl LeaseAction {
+    /// The store command the action takes (the `command` label of the controller's metrics).
+    pub fn command(&self) -> Option<&'static str> {
+        match self {
+            Self::Extend(_) => Some("extend"),
+            Self::Handover(_) => Some("handover"),
+            Self::Resign(_) => Some("resign"),
+            Self::Nothing => None,
+        }
+    }
+}
+
 /// Managed mode's decision. The leader keeps the lease while it is a candidate — except that,
 /// with `prefer_newest_revision`, a leader of an older revision hands over to a pod of the newest
 /// one, so a rolling update moves leadership once, to the new revision, rather than at the last
