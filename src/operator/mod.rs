@@ -499,27 +499,23 @@ async fn apply(election: &Election, ctx: &Context) -> Result<Action, OperatorErr
         if let Some(command) = decided.command() {
             ctx.metrics.command(command);
         }
-        let done = match &decided {
-            LeaseAction::Extend(name) => match pod(name) {
-                Ok(pod) => leases
-                    .extend(key, &pod, term)
-                    .await
-                    .map(|token| leading(&pod, token)),
-                Err(err) => Err(err),
-            },
-            LeaseAction::Handover(name) => match pod(name) {
-                Ok(pod) => leases
-                    .handover(key, &pod, term)
-                    .await
-                    .map(|token| leading(&pod, token)),
-                Err(err) => Err(err),
-            },
-            LeaseAction::Resign(name) => match pod(name) {
-                Ok(pod) => leases.resign(key, &pod).await.map(|()| None),
-                Err(err) => Err(err),
-            },
-            LeaseAction::Nothing => Ok(current.clone()),
-        };
+        let done = async {
+            match &decided {
+                LeaseAction::Extend(name) => {
+                    let pod = pod(name)?;
+                    let token = leases.extend(key, &pod, term).await?;
+                    Ok(leading(&pod, token))
+                }
+                LeaseAction::Handover(name) => {
+                    let pod = pod(name)?;
+                    let token = leases.handover(key, &pod, term).await?;
+                    Ok(leading(&pod, token))
+                }
+                LeaseAction::Resign(name) => leases.resign(key, &pod(name)?).await.map(|()| None),
+                LeaseAction::Nothing => Ok(current.clone()),
+            }
+        }
+        .await;
         match done {
             Ok(now) => lease = Ok(now),
             // Someone else changed the lease in between: read what it is now (the change also
