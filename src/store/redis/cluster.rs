@@ -13,7 +13,7 @@ use rustis::{
     resp::{Value, cmd},
 };
 
-use super::node::Connection;
+use super::node::{Connection, load_scripts};
 
 /// A node address.
 pub(crate) type Address = (String, u16);
@@ -178,7 +178,16 @@ impl ClusterRouter {
                 let existing = self.routing().clients.get(master).cloned();
                 let connection = match existing {
                     Some(connection) if !connection.client.is_terminated() => connection,
-                    _ => Connection::new(self.connect(master).await?, self.durability),
+                    _ => {
+                        let client = self.connect(master).await?;
+                        load_scripts(&client).await.map_err(|err| {
+                            format!(
+                                "cannot load the scripts on {}:{}: {err}",
+                                master.0, master.1
+                            )
+                        })?;
+                        Connection::new(client, self.durability)
+                    }
                 };
                 clients.insert(master.clone(), connection);
             }

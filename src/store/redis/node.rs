@@ -220,6 +220,9 @@ impl Node {
         let connected = Box::pin(Client::connect(config.clone()))
             .await
             .map_err(|err| self.error("cannot connect", err))?;
+        load_scripts(&connected)
+            .await
+            .map_err(|err| self.error("cannot load the scripts", err))?;
         let connected = Connection::new(connected, self.durability);
         *client
             .write()
@@ -415,8 +418,31 @@ impl Node {
     }
 }
 
-/// Runs a script by SHA, loading it first where the server does not know it (first use, a
-/// restart, a failover) — one load at a time per endpoint (`loading`).
+/// The scripts called by SHA.
+static CALLED_BY_SHA: [&Script; 4] = [&LEASE, &LEADER, &LIVE, &INDEX];
+
+/// Loads every script called by SHA on a new connection, before any command can be sent on it.
+///
+/// Loading a script on first use let a command overtake an earlier one on the same server: the
+/// first command waited for SCRIPT LOAD's answer before sending EVALSHA, while a command sent
+/// meanwhile (its SHA already known from another server) went straight through — found when a
+/// Redlock renewal, sent right after the campaign was answered, ran before that campaign on the
+/// server whose first connection was slow, and was granted as a new lease. After a restart or a
+/// failover the scripts are gone again and commands in flight load them (see [`run`]); lease
+/// commands reordered then are settled by their late answers (`settle_late` in mod.rs).
+pub(crate) async fn load_scripts(client: &Client) -> Result<(), rustis::Error> {
+    futures::future::try_join_all(CALLED_BY_SHA.iter().map(|script| async move {
+        let sha: String = client.script_load(script.text).await?;
+        let _ = script.sha.set(sha);
+        Ok::<_, rustis::Error>(())
+    }))
+    .await
+    .map(drop)
+}
+
+/// Runs a script by SHA, loading it first where the server does not know it (after a restart or
+/// a failover: a new connection has them all, see [`load_scripts`]) — one load at a time per
+/// endpoint (`loading`).
 async fn run<R: DeserializeOwned>(
     client: &Client,
     loading: &tokio::sync::Mutex<()>,
