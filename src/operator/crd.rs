@@ -146,6 +146,21 @@ pub struct ElectionStatus {
     /// The generation of the spec this status was computed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The leader label the controller keeps on the leader pod (managed mode), and on which
+    /// Deployment's pods: kept so that when the label or the Deployment changes, managed mode is
+    /// switched off or the Election is deleted, the label is taken off the pods it was put on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labelled: Option<LabelledPods>,
+}
+
+/// Where the controller keeps an Election's leader label.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelledPods {
+    /// The label (`spec.leaderLabel` when it was put on).
+    pub label: String,
+    /// The Deployment whose leader pod carries it (`spec.deployment` then).
+    pub deployment: String,
 }
 
 /// One pod of the Deployment.

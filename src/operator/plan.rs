@@ -7,7 +7,7 @@ use std::{borrow::Borrow, collections::BTreeMap};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::{self, Timestamp};
 
-use super::crd::{CandidatePod, Election, ElectionStatus, RevisionStatus};
+use super::crd::{CandidatePod, Election, ElectionStatus, LabelledPods, RevisionStatus};
 use crate::discovery::mapping::PodInfo;
 
 /// A pod of the Deployment as the controller sees it: the wire view plus what ranking and
@@ -181,6 +181,8 @@ pub struct Observed<'a> {
     pub spec_error: Option<String>,
     /// Other Elections on the same lease.
     pub conflicts: &'a [&'a Election],
+    /// Where the leader label is kept now (see [`ElectionStatus::labelled`]).
+    pub labelled: Option<LabelledPods>,
     /// Now.
     pub now: Timestamp,
 }
@@ -357,6 +359,7 @@ pub fn status(observed: &Observed<'_>) -> ElectionStatus {
         revisions: revisions.into_values().collect(),
         conditions,
         observed_generation: generation,
+        labelled: observed.labelled.clone(),
     }
 }
 
@@ -615,6 +618,7 @@ mod tests {
             pods_error: None,
             spec_error: None,
             conflicts: &[],
+            labelled: None,
             now,
         };
         let s = status(&observed);
@@ -715,6 +719,7 @@ mod tests {
             pods_error: None,
             spec_error: None,
             conflicts: &[],
+            labelled: None,
             now: Timestamp::UNIX_EPOCH,
         }
     }
@@ -753,6 +758,7 @@ mod tests {
                 pods_error: None,
                 spec_error: None,
                 conflicts: &conflicts,
+                labelled: None,
                 now: Timestamp::UNIX_EPOCH,
             });
             let find = |kind: &str| {
