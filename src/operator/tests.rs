@@ -206,6 +206,24 @@ async fn expect_relabelled(api: &mut ApiServer, pod: &str, label: &str, value: V
     assert_eq!(patched["metadata"]["labels"], json!({label: value}));
 }
 
+/// Expects the status of `election` applied, and returns the patch.
+async fn expect_status_applied(api: &mut ApiServer, election: &Election) -> Value {
+    let path = "/apis/election-agent.io/v1/namespaces/shop/elections/jobs/status";
+    let answer = serde_json::to_value(election).unwrap();
+    expect(api, "PATCH", path, Some(answer)).await
+}
+
+/// Expects an Event recorded, and returns it.
+async fn expect_event(api: &mut ApiServer) -> Value {
+    expect(
+        api,
+        "POST",
+        "/apis/events.k8s.io/v1/namespaces/shop/events",
+        None,
+    )
+    .await
+}
+
 /// Expects the list of the pods carrying `label`, and answers that `carrying` do.
 async fn expect_label_listed(api: &mut ApiServer, label: &str, carrying: &[&str]) {
     let items: Vec<Value> = carrying
@@ -240,13 +258,7 @@ async fn managed_mode_moves_leadership_and_the_label_to_the_new_revision() {
     );
 
     // Status by server-side apply on the status subresource.
-    let applied = expect(
-        &mut api,
-        "PATCH",
-        "/apis/election-agent.io/v1/namespaces/shop/elections/jobs/status",
-        Some(serde_json::to_value(&election).unwrap()),
-    )
-    .await;
+    let applied = expect_status_applied(&mut api, &election).await;
     let query = applied["query"].as_str().unwrap();
     assert!(
         query.contains("fieldManager=election-agent") && query.contains("force=true"),
@@ -273,13 +285,7 @@ async fn managed_mode_moves_leadership_and_the_label_to_the_new_revision() {
     assert_eq!(leaders, ["web-2-a"]);
 
     // And an Event saying so.
-    let event = expect(
-        &mut api,
-        "POST",
-        "/apis/events.k8s.io/v1/namespaces/shop/events",
-        None,
-    )
-    .await;
+    let event = expect_event(&mut api).await;
     assert_eq!(event["reason"], "LeaderElected");
     assert_eq!(event["regarding"]["name"], "jobs");
 
@@ -437,21 +443,9 @@ async fn a_second_leader_change_racing_a_stale_cache_leaves_one_label() {
         json!("true"),
     )
     .await;
-    let applied = expect(
-        &mut api,
-        "PATCH",
-        "/apis/election-agent.io/v1/namespaces/shop/elections/jobs/status",
-        Some(serde_json::to_value(&election).unwrap()),
-    )
-    .await;
+    let applied = expect_status_applied(&mut api, &election).await;
     assert_eq!(applied["status"]["leader"], "web-2-a");
-    expect(
-        &mut api,
-        "POST",
-        "/apis/events.k8s.io/v1/namespaces/shop/events",
-        None,
-    )
-    .await;
+    expect_event(&mut api).await;
     reconciling.await.unwrap().unwrap();
 }
 
@@ -477,24 +471,12 @@ async fn a_changed_label_or_managed_mode_switched_off_takes_the_old_label_off() 
     // The new one, on the leader.
     expect_label_listed(&mut api, "example.com/primary", &[]).await;
     expect_relabelled(&mut api, "web-2-a", "example.com/primary", json!("true")).await;
-    let applied = expect(
-        &mut api,
-        "PATCH",
-        "/apis/election-agent.io/v1/namespaces/shop/elections/jobs/status",
-        Some(serde_json::to_value(&election).unwrap()),
-    )
-    .await;
+    let applied = expect_status_applied(&mut api, &election).await;
     assert_eq!(
         applied["status"]["labelled"],
         json!({"label": "example.com/primary", "deployment": "web"})
     );
-    expect(
-        &mut api,
-        "POST",
-        "/apis/events.k8s.io/v1/namespaces/shop/events",
-        None,
-    )
-    .await;
+    expect_event(&mut api).await;
     reconciling.await.unwrap().unwrap();
 
     // Managed mode off: the label comes off, and nothing is labelled again.
@@ -509,25 +491,13 @@ async fn a_changed_label_or_managed_mode_switched_off_takes_the_old_label_off() 
     let (mut api, _, reconciling) = start_reconcile(caches(), &election, "web-2-a", held()).await;
     expect_label_listed(&mut api, "example.com/primary", &["web-2-a"]).await;
     expect_relabelled(&mut api, "web-2-a", "example.com/primary", Value::Null).await;
-    let applied = expect(
-        &mut api,
-        "PATCH",
-        "/apis/election-agent.io/v1/namespaces/shop/elections/jobs/status",
-        Some(serde_json::to_value(&election).unwrap()),
-    )
-    .await;
+    let applied = expect_status_applied(&mut api, &election).await;
     assert_eq!(applied["status"].get("labelled"), None);
     assert_eq!(
         applied["status"]["leader"], "web-2-a",
         "the lease itself is left alone"
     );
-    expect(
-        &mut api,
-        "POST",
-        "/apis/events.k8s.io/v1/namespaces/shop/events",
-        None,
-    )
-    .await;
+    expect_event(&mut api).await;
     reconciling.await.unwrap().unwrap();
 }
 
@@ -562,13 +532,7 @@ async fn a_failed_reconcile_is_recorded_as_a_warning_event() {
     let error = OperatorError::NotReady("the caches have not synced".into());
     let action = error_policy(Arc::new(election), &error, ctx);
     assert_ne!(action, Action::await_change(), "retried");
-    let event = expect(
-        &mut api,
-        "POST",
-        "/apis/events.k8s.io/v1/namespaces/shop/events",
-        None,
-    )
-    .await;
+    let event = expect_event(&mut api).await;
     assert_eq!(
         (&event["type"], &event["reason"]),
         (&json!("Warning"), &json!("ReconcileFailed"))
