@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{TestNamespace, deployment, http_get};
+use common::{TestNamespace, deployment, http_get, within};
 use election_agent::{
     grpc::pb::{self, election_client::ElectionClient},
     server::RunningAgent,
@@ -23,7 +23,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{ListParams, PostParams},
+    api::{DeleteParams, ListParams, PostParams},
 };
 
 /// How a pod looks in both the API server's listing and the agent's answer.
@@ -40,6 +40,15 @@ struct PodView {
 
 /// What `kubectl get pods,rs -o yaml` shows for Deployment `web`, as views.
 async fn listed(client: &Client, namespace: &str) -> Vec<PodView> {
+    within(
+        "list the Deployment's pods",
+        Duration::from_secs(20),
+        list(client, namespace),
+    )
+    .await
+}
+
+async fn list(client: &Client, namespace: &str) -> Vec<PodView> {
     let deployment: Deployment = Api::namespaced(client.clone(), namespace)
         .get("web")
         .await
@@ -96,15 +105,20 @@ async fn listed(client: &Client, namespace: &str) -> Vec<PodView> {
 
 /// What the agent answers over gRPC, as views (in the agent's own order).
 async fn answered(agent: &RunningAgent, namespace: &str) -> Vec<PodView> {
-    let mut client = ElectionClient::connect(format!("http://{}", agent.grpc_address.unwrap()))
-        .await
-        .unwrap();
-    let pods = client
-        .get_pods(pb::GetPodsRequest {
-            namespace: namespace.into(),
-            deployment: "web".into(),
-            pod_name: String::new(),
-        })
+    let url = format!("http://{}", agent.grpc_address.unwrap());
+    let mut client = within(
+        "connect",
+        Duration::from_secs(10),
+        ElectionClient::connect(url),
+    )
+    .await
+    .unwrap();
+    let request = pb::GetPodsRequest {
+        namespace: namespace.into(),
+        deployment: "web".into(),
+        pod_name: String::new(),
+    };
+    let pods = within("GetPods", Duration::from_secs(10), client.get_pods(request))
         .await
         .expect("GetPods")
         .into_inner();
@@ -152,7 +166,7 @@ async fn agrees(agent: &RunningAgent, client: &Client, namespace: &str, deadline
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a Kubernetes cluster: run scripts/e2e.sh with KUBECONFIG set"]
 async fn get_pods_follows_a_rolling_update_with_both_revisions_and_terminating_pods() {
     let client = common::cluster().await;
@@ -161,10 +175,13 @@ async fn get_pods_follows_a_rolling_update_with_both_revisions_and_terminating_p
     let agent = common::agent(ns).await;
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    deployments
-        .create(&PostParams::default(), &deployment("busybox:1.36.0"))
-        .await
-        .unwrap();
+    within(
+        "create the Deployment",
+        Duration::from_secs(10),
+        deployments.create(&PostParams::default(), &deployment("busybox:1.36.0")),
+    )
+    .await
+    .unwrap();
     // Every pod of revision 1 ready.
     let started = Instant::now();
     loop {
@@ -218,4 +235,74 @@ async fn get_pods_follows_a_rolling_update_with_both_revisions_and_terminating_p
         }
     }
     agent.shutdown().await;
+}
+
+/// What the other tests stand on, whether a real kubelet or the harness's stand-in runs the
+/// pods: each pod becomes Running and Ready with an IP of its own, and a deleted pod stays
+/// Terminating for its grace period (its container ignores SIGTERM), then goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kubernetes cluster: run scripts/e2e.sh with KUBECONFIG set"]
+async fn pods_become_ready_and_a_deleted_pod_terminates_after_its_grace_period() {
+    const GRACE: Duration = Duration::from_secs(3);
+    let client = common::cluster().await;
+    let namespace = TestNamespace::create(&client, "pods").await;
+    let ns = namespace.name.as_str();
+    let mut web = deployment("busybox:1.36.0");
+    let template = web.spec.as_mut().unwrap().template.spec.as_mut().unwrap();
+    template.termination_grace_period_seconds = Some(GRACE.as_secs() as i64);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    within(
+        "create the Deployment",
+        Duration::from_secs(10),
+        deployments.create(&PostParams::default(), &web),
+    )
+    .await
+    .unwrap();
+    let mut views = Vec::new();
+    common::eventually("3 pods Ready", Duration::from_secs(180), async || {
+        views = listed(&client, ns).await;
+        views.len() == 3 && views.iter().all(|v| v.ready && v.phase == "Running")
+    })
+    .await;
+    let ips: std::collections::BTreeSet<&str> = views.iter().map(|v| v.ip.as_str()).collect();
+    assert!(
+        ips.len() == 3 && !ips.contains(""),
+        "an IP of its own each: {views:#?}"
+    );
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let victim = views[0].name.clone();
+    within(
+        "delete a pod",
+        Duration::from_secs(10),
+        pods.delete(&victim, &DeleteParams::default()),
+    )
+    .await
+    .unwrap();
+    let deleted_at = Instant::now();
+    let terminating = |pod: &Option<Pod>| {
+        pod.as_ref()
+            .is_some_and(|p| p.metadata.deletion_timestamp.is_some())
+    };
+    let first = within(
+        "read the pod",
+        Duration::from_secs(10),
+        pods.get_opt(&victim),
+    )
+    .await
+    .unwrap();
+    assert!(terminating(&first), "Terminating at first: {first:#?}");
+    common::eventually(
+        "the pod goes",
+        GRACE + Duration::from_secs(10),
+        async || matches!(pods.get_opt(&victim).await, Ok(None)),
+    )
+    .await;
+    // The deletion timestamp is written in whole seconds, so it may fall up to a second early.
+    let lasted = deleted_at.elapsed();
+    assert!(
+        lasted >= GRACE - Duration::from_secs(1),
+        "gone after {lasted:?}, before its grace period of {GRACE:?} ran out"
+    );
+    eprintln!("deleted pod gone after {lasted:?} (grace period {GRACE:?})");
 }
