@@ -142,6 +142,16 @@ pub async fn start(config: &Config) -> Result<RunningAgent, ServerError> {
         return start_with(config, None, None).await;
     }
     let client = Discovery::connect(config.kube_in_cluster).await?;
+    start_with_kubernetes(config, client).await
+}
+
+/// Starts the agent over the given Kubernetes client instead of connecting as `EA_KUBE_*` say:
+/// discovery watches, and the Election controller if `EA_CONTROLLER_ENABLE` — for tests that
+/// record every call the agent makes to the API server.
+pub async fn start_with_kubernetes(
+    config: &Config,
+    client: kube::Client,
+) -> Result<RunningAgent, ServerError> {
     let discovery = Discovery::start(&client, &config.kube_namespaces);
     let controller = config.controller_enabled.then_some(client);
     start_with(config, Some(discovery), controller).await
@@ -188,11 +198,7 @@ async fn start_with(
                 service.clone(),
                 metrics,
                 controller_identity(&config.name),
-                // One watched namespace: a namespaced watch (a Role suffices); else cluster-wide.
-                match config.kube_namespaces.as_slice() {
-                    [namespace] => Some(namespace.clone()),
-                    _ => None,
-                },
+                config.kube_namespaces.clone(),
                 Term::from_millis(
                     u64::try_from(config.controller_term.as_millis()).unwrap_or(u64::MAX),
                 ),

@@ -159,7 +159,7 @@ pub struct Context {
     /// The election service (lease store and discovery caches).
     pub service: ElectionService,
     /// Every Election the controller watches (for conflict detection).
-    pub elections: Store<Election>,
+    pub elections: Elections,
     /// Publishes Kubernetes Events.
     pub recorder: Recorder,
     /// The controller's metrics.
@@ -169,26 +169,54 @@ pub struct Context {
     /// The leader pods this controller last labelled.
     labelled: labels::Labelled,
 }
-/// The controller itself, over the Elections of `namespace` (all when `None`), until `stop`.
+/// Every Election the controller watches: one cache per watched namespace, or one of the whole
+/// cluster. Leases are shared by all namespaces, so conflicts are looked for across all of them.
+#[derive(Clone)]
+pub struct Elections(Vec<Store<Election>>);
+
+impl Elections {
+    /// Every Election in the caches.
+    pub fn state(&self) -> Vec<Arc<Election>> {
+        self.0.iter().flat_map(Store::state).collect()
+    }
+}
+
+impl From<Store<Election>> for Elections {
+    fn from(store: Store<Election>) -> Self {
+        Self(vec![store])
+    }
+}
+
+/// The controller itself, over the Elections of `namespaces` (all when empty), until `stop`.
+/// With namespaces, it runs one watch per namespace, so that namespaced Roles there are all the
+/// access it needs; the controllers share one context, so they see one another's Elections.
 async fn run_controller(
     client: Client,
     service: ElectionService,
     metrics: OperatorMetrics,
     identity: String,
-    namespace: Option<String>,
+    namespaces: Vec<String>,
     leading: Leading,
     stop: CancellationToken,
 ) {
-    let elections: Api<Election> = match &namespace {
-        Some(namespace) => Api::namespaced(client.clone(), namespace),
-        None => Api::all(client.clone()),
+    let apis: Vec<Api<Election>> = if namespaces.is_empty() {
+        vec![Api::all(client.clone())]
+    } else {
+        namespaces
+            .iter()
+            .map(|namespace| Api::namespaced(client.clone(), namespace))
+            .collect()
     };
     // A short debounce folds the bursts of pod events of a rolling update into one reconcile,
     // well inside the one second a leader change may take to show.
-    let controller = Controller::new(elections, watcher::Config::default().any_semantic())
-        .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
-    let store = controller.store();
-    let triggers = triggers(&service, store.clone());
+    let controllers: Vec<Controller<Election>> = apis
+        .into_iter()
+        .map(|api| {
+            Controller::new(api, watcher::Config::default().any_semantic())
+                .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE))
+        })
+        .collect();
+    let stores: Vec<Store<Election>> = controllers.iter().map(Controller::store).collect();
     let context = Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),
@@ -198,35 +226,42 @@ async fn run_controller(
             },
         ),
         client,
-        service,
-        elections: store.clone(),
+        service: service.clone(),
+        elections: Elections(stores.clone()),
         metrics,
         leading,
         labelled: labels::Labelled::default(),
     });
-    let graceful = stop.clone();
-    let running = controller
-        .reconcile_on(triggers)
-        .graceful_shutdown_on(async move { graceful.cancelled().await })
-        .run(reconcile, error_policy, context)
-        .for_each(|result| async move {
-            if let Err(err) = result {
-                tracing::debug!(error = %err, "reconcile");
+    let running = controllers.into_iter().zip(stores).map(|(controller, store)| {
+        let graceful = stop.clone();
+        let running = controller
+            .reconcile_on(triggers(&service, store.clone()))
+            .graceful_shutdown_on(async move { graceful.cancelled().await })
+            .run(reconcile, error_policy, context.clone())
+            .for_each(|result| async move {
+                if let Err(err) = result {
+                    tracing::debug!(error = %err, "reconcile");
+                }
+            });
+        // A controller whose cache never filled (no CRD installed, no API server, no access)
+        // ran no reconcile, and kube-runtime would wait for that cache forever before it stops:
+        // drop it at once.
+        let stop = stop.clone();
+        let never_synced = async move {
+            stop.cancelled().await;
+            if store.wait_until_ready().now_or_never().is_none() {
+                return;
             }
-        });
-    // A controller whose cache never filled (no CRD installed, no API server) ran no reconcile,
-    // and kube-runtime would wait for that cache forever before it stops: drop it at once.
-    let never_synced = async {
-        stop.cancelled().await;
-        if store.wait_until_ready().now_or_never().is_none() {
-            return;
+            futures::future::pending::<()>().await;
+        };
+        async move {
+            tokio::select! {
+                () = running => {}
+                () = never_synced => tracing::info!("Election controller stopped before its cache synced"),
+            }
         }
-        futures::future::pending::<()>().await;
-    };
-    tokio::select! {
-        () = running => {}
-        () = never_synced => tracing::info!("Election controller stopped before its cache synced"),
-    }
+    });
+    futures::future::join_all(running).await;
 }
 
 /// The Elections to reconcile when a lease changes (those on that lease) or when pods,

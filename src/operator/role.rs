@@ -64,16 +64,16 @@ fn deadline(sent: Instant, term: Term) -> Instant {
     sent + term - term / 10
 }
 
-/// Runs the controller — over the Elections of `namespace`, or of the whole cluster — while this
-/// agent holds the controller lease, until `shutdown`: campaigns every third of `term`, renews
-/// while leading, and stops the controller (and lets another replica take over within one term)
+/// Runs the controller — over the Elections of `namespaces`, or of the whole cluster when empty —
+/// while this agent holds the controller lease, until `shutdown`: campaigns every third of `term`,
+/// renews while leading, and stops the controller (and lets another replica take over within one term)
 /// when renewal fails; on shutdown it resigns, so another replica takes over at once.
 pub async fn run(
     client: Client,
     service: ElectionService,
     metrics: OperatorMetrics,
     identity: Name,
-    namespace: Option<String>,
+    namespaces: Vec<String>,
     term: Term,
     shutdown: CancellationToken,
 ) {
@@ -93,7 +93,7 @@ pub async fn run(
                     service.clone(),
                     metrics.clone(),
                     identity.to_string(),
-                    namespace.clone(),
+                    namespaces.clone(),
                     leading.clone(),
                     stop.clone(),
                 ));
@@ -197,7 +197,7 @@ mod tests {
                 service.clone(),
                 metrics.clone(),
                 Name::parse("identity", name).unwrap(),
-                None,
+                Vec::new(),
                 Term::from_millis(1_000),
                 stop.clone(),
             ))

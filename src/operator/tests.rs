@@ -122,7 +122,7 @@ fn context(client: Client, service: ElectionService, election: &Election) -> Arc
         ),
         client,
         service,
-        elections,
+        elections: elections.into(),
         metrics: OperatorMetrics::register(&Registry::new()).unwrap(),
         leading: Leading::until(Instant::now() + Duration::from_secs(3_600)),
         labelled: labels::Labelled::default(),
