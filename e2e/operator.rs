@@ -10,6 +10,9 @@
 //! Every test is `#[ignore]`d: `scripts/e2e.sh` runs them when a cluster is configured.
 
 mod common;
+// The Helm chart's scenario, over this file's helpers.
+#[path = "operator/chart.rs"]
+mod chart;
 
 use std::time::{Duration, Instant};
 

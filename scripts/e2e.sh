@@ -22,25 +22,27 @@ BANNER
   exit 0
 fi
 
-# Runs a command as root: directly when we are root, else through sudo if there is one.
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then
-    "$@"
-  elif command -v sudo >/dev/null 2>&1; then
-    sudo "$@"
-  else
-    echo "error: \"$*\" needs root (or sudo) to install Redis for the e2e tests" >&2
-    return 1
-  fi
-}
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 # Two agents sharing one store (e2e/operator.rs) need a redis-server of their own, on a free port.
 if ! command -v redis-server >/dev/null 2>&1; then
-  printf '\n==> installing redis-server for the e2e tests\n'
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server
+  step "installing redis-server for the e2e tests"
+  apt_install redis-server
   # Debian's package may start a system redis on 6379; the tests run their own, so stop it.
   as_root service redis-server stop >/dev/null 2>&1 || true
+fi
+
+# The chart's scenario (e2e/operator/chart.rs) installs the chart with helm and asks kubectl.
+install_helm
+
+# With podman, that scenario also runs the image (scripts/image.sh builds it: a release build).
+if command -v podman >/dev/null 2>&1; then
+  step "building the image for the e2e tests (scripts/image.sh)"
+  EA_E2E_IMAGE="$(scripts/image.sh | tail -n 1)"
+  export EA_E2E_IMAGE
+else
+  step "podman is not installed: the e2e tests will not run the image"
 fi
 
 # Build and run only the e2e test binaries (Cargo.toml's [[test]] targets named e2e_*): the rest

@@ -71,7 +71,15 @@ struct Recording {
 type Shared = Arc<Mutex<Recording>>;
 
 /// `/api/v1/namespaces/shop/pods/x` → ("", Some("shop"), "pods", Some("x"), None).
-fn parse_path(path: &str) -> (String, Option<String>, String, Option<String>, Option<String>) {
+fn parse_path(
+    path: &str,
+) -> (
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    Option<String>,
+) {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, rest) = match segments.as_slice() {
         ["api", _version, rest @ ..] => (String::new(), rest),
@@ -85,13 +93,7 @@ fn parse_path(path: &str) -> (String, Option<String>, String, Option<String>, Op
         rest => (None, rest),
     };
     let own = |i: usize| rest.get(i).map(|s| (*s).to_owned());
-    (
-        group,
-        namespace,
-        own(0).unwrap_or_default(),
-        own(1),
-        own(2),
-    )
+    (group, namespace, own(0).unwrap_or_default(), own(1), own(2))
 }
 
 fn query(uri: &http::Uri, key: &str) -> Option<String> {
@@ -182,12 +184,13 @@ fn resource_of(object: &Value) -> &'static str {
 
 /// Whether `labels` match a selector of `key` and `key=value` terms, comma-separated.
 fn selects(selector: &str, labels: &Value) -> bool {
-    selector.split(',').filter(|t| !t.is_empty()).all(|term| {
-        match term.split_once('=') {
+    selector
+        .split(',')
+        .filter(|t| !t.is_empty())
+        .all(|term| match term.split_once('=') {
             Some((key, value)) => labels[key].as_str() == Some(value.trim_start_matches('=')),
             None => !labels[term].is_null(),
-        }
-    })
+        })
 }
 
 type Reply = http::Response<BoxBody<Bytes, Infallible>>;
@@ -211,7 +214,11 @@ fn failure(code: u16, message: &str) -> Reply {
 /// Answers one request from the objects and records it.
 async fn serve(request: http::Request<Body>, objects: Arc<Vec<Value>>, recording: Shared) -> Reply {
     let (parts, body) = request.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let (group, namespace, resource, name, subresource) = parse_path(parts.uri.path());
     let watch = query(&parts.uri, "watch").as_deref() == Some("true");
     let verb = match (&parts.method, &name) {
@@ -422,7 +429,12 @@ fn chart_rules(values: &[&str]) -> BTreeSet<Access> {
     let mut rules = BTreeSet::new();
     for document in documents {
         let namespace = match document["kind"].as_str() {
-            Some("Role") => Some(document["metadata"]["namespace"].as_str().unwrap().to_owned()),
+            Some("Role") => Some(
+                document["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            ),
             Some("ClusterRole") => None,
             _ => continue,
         };

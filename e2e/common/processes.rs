@@ -133,22 +133,53 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `election-agent` with leases in the Redis server at `redis_url` (mode `single`)
     /// and Kubernetes features on for `namespace`, its controller term 3 s, and waits until it is
-    /// ready. It uses the cluster of `KUBECONFIG`, which it inherits.
+    /// ready. It uses the cluster of `KUBECONFIG` (or `~/.kube/config`), as the test does.
     pub async fn start(hostname: &str, redis_url: &str, namespace: &str) -> Self {
-        let (grpc_port, http_port) = (free_port(), free_port());
+        let mut environment: Vec<(String, String)> = [
+            ("EA_NAME", hostname),
+            ("EA_REDIS_MODE", "single"),
+            ("EA_REDIS_URLS", redis_url),
+            ("EA_BIND_ADDRESS", "127.0.0.1"),
+            ("EA_GRPC_PORT", &free_port().to_string()),
+            ("EA_HTTP_PORT", &free_port().to_string()),
+            ("EA_KUBE_IN_CLUSTER", "false"),
+            ("EA_KUBE_NAMESPACES", namespace),
+            ("EA_CONTROLLER_TERM", "3s"),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .collect();
+        for inherited in ["KUBECONFIG", "HOME"] {
+            if let Ok(value) = std::env::var(inherited) {
+                environment.push((inherited.to_owned(), value));
+            }
+        }
+        Self::with_environment(hostname, namespace, environment).await
+    }
+
+    /// Starts `election-agent` with `environment` and nothing else but `HOSTNAME` (as a pod's
+    /// container gets), and waits until it is ready. `environment` names its ports
+    /// (`EA_GRPC_PORT`, `EA_HTTP_PORT`, free loopback ones) and its cluster (`KUBECONFIG`); its
+    /// log is named after `namespace` and `hostname`.
+    pub async fn with_environment(
+        hostname: &str,
+        namespace: &str,
+        environment: Vec<(String, String)>,
+    ) -> Self {
+        let port = |key: &str| -> u16 {
+            environment
+                .iter()
+                .find(|(k, _)| k == key)
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or_else(|| panic!("the agent's environment names no {key}"))
+        };
+        let (grpc_port, http_port) = (port("EA_GRPC_PORT"), port("EA_HTTP_PORT"));
         let log = std::env::temp_dir().join(format!("{namespace}-{hostname}.log"));
         let file = File::create(&log).expect("create the agent's log");
         let child = Command::new(env!("CARGO_BIN_EXE_election-agent"))
+            .env_clear()
             .env("HOSTNAME", hostname)
-            .env("EA_NAME", hostname)
-            .env("EA_REDIS_MODE", "single")
-            .env("EA_REDIS_URLS", redis_url)
-            .env("EA_BIND_ADDRESS", "127.0.0.1")
-            .env("EA_GRPC_PORT", grpc_port.to_string())
-            .env("EA_HTTP_PORT", http_port.to_string())
-            .env("EA_KUBE_IN_CLUSTER", "false")
-            .env("EA_KUBE_NAMESPACES", namespace)
-            .env("EA_CONTROLLER_TERM", "3s")
+            .envs(environment)
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("the log, twice"))
             .stderr(file)
