@@ -67,6 +67,7 @@ pub struct Metrics {
     in_flight: Vec<IntGauge>,
     unavailable: IntCounter,
     disconnected_backends: IntGauge,
+    store_available: IntGauge,
 }
 
 impl Metrics {
@@ -99,10 +100,17 @@ impl Metrics {
             "election_agent_disconnected_redis_backends",
             "Redis servers of the lease store that cannot be reached right now.",
         )?;
+        let store_available = IntGauge::new(
+            "election_agent_store_available",
+            "1 when the lease store answered the agent's last readiness check (every second), \
+             0 when it did not; 0 until the first check, which waits for the Kubernetes caches \
+             to sync.",
+        )?;
         registry.register(Box::new(durations.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(unavailable.clone()))?;
         registry.register(Box::new(disconnected_backends.clone()))?;
+        registry.register(Box::new(store_available.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -125,6 +133,7 @@ impl Metrics {
             registry,
             unavailable,
             disconnected_backends,
+            store_available,
         })
     }
 
@@ -150,6 +159,11 @@ impl Metrics {
     /// The gauge of unreachable Redis servers, for the store to keep up to date.
     pub fn disconnected_backends(&self) -> IntGauge {
         self.disconnected_backends.clone()
+    }
+
+    /// Records whether the lease store answered a readiness check.
+    pub fn set_store_available(&self, available: bool) {
+        self.store_available.set(i64::from(available));
     }
 
     /// The registry, for collectors registered by other parts of the process.
@@ -207,6 +221,7 @@ mod tests {
             r#"election_agent_requests_in_flight{action="campaign",agent="agent-1"} 0"#,
             r#"election_agent_unavailable_total{agent="agent-1"} 1"#,
             r#"election_agent_disconnected_redis_backends{agent="agent-1"} 0"#,
+            r#"election_agent_store_available{agent="agent-1"} 0"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

@@ -23,7 +23,7 @@ use tonic_health::{
 use crate::{
     config::{Config, StoreMode},
     discovery::{Discovery, DiscoveryError},
-    election::ElectionService,
+    election::{ElectionError, ElectionService},
     grpc::{self, ElectionGrpc},
     http,
     lease::{Name, Term},
@@ -369,7 +369,8 @@ fn flatten(
 }
 
 /// Keeps the readiness health names at SERVING while the agent is ready (lease store reachable,
-/// Kubernetes caches synced once), NOT_SERVING while it is not, until shutdown.
+/// Kubernetes caches synced once), NOT_SERVING while it is not, until shutdown; and the store's
+/// availability gauge at what the store answered.
 async fn follow_readiness(
     service: ElectionService,
     health: HealthState,
@@ -378,6 +379,15 @@ async fn follow_readiness(
     let mut serving = true;
     while !shutdown.is_cancelled() {
         let ready = service.ready().await;
+        // Until the caches have synced the store is not asked: its gauge keeps what it was. When
+        // shutting down, `Unavailable` is about the agent, not the store.
+        match &ready {
+            Ok(()) => service.metrics().set_store_available(true),
+            Err(ElectionError::Unavailable(_)) if !shutdown.is_cancelled() => {
+                service.metrics().set_store_available(false);
+            }
+            Err(_) => {}
+        }
         let updating = health.updating.lock().await;
         if ready.is_ok() != serving && !shutdown.is_cancelled() {
             serving = ready.is_ok();
@@ -617,6 +627,13 @@ mod tests {
                 .contains("election_agent_disconnected_redis_backends{agent=\"election-agent\"} 1")
         })
         .await;
+        eventually("store unavailable gauge", async || {
+            get(http, "/metrics")
+                .await
+                .1
+                .contains("election_agent_store_available{agent=\"election-agent\"} 0")
+        })
+        .await;
         let metrics = get(http, "/metrics").await.1;
         assert!(
             !metrics.contains("election_agent_unavailable_total{agent=\"election-agent\"} 0"),
@@ -627,6 +644,13 @@ mod tests {
         eventually("/readyz 200", async || get(http, "/readyz").await.0 == 200).await;
         eventually("readiness SERVING", async || {
             health(&channel, "readiness").await == ServingStatus::Serving as i32
+        })
+        .await;
+        eventually("store available gauge", async || {
+            get(http, "/metrics")
+                .await
+                .1
+                .contains("election_agent_store_available{agent=\"election-agent\"} 1")
         })
         .await;
         eventually("campaigns served again", async || {

@@ -31,11 +31,14 @@ use kube::{
         watcher,
     },
 };
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
 use tokio_util::sync::CancellationToken;
 
-use self::crd::Election;
+use self::crd::{Election, ElectionStatus, term_ms};
 use crate::{
     election::{ElectionError, ElectionService},
     store::StoreEvent,
@@ -70,6 +73,9 @@ pub enum OperatorError {
 }
 
 impl OperatorError {
+    /// Every value of [`OperatorError::label`].
+    const LABELS: [&'static str; 5] = ["kube", "store", "finalizer", "not_ready", "not_leading"];
+
     /// The `error` label of the reconcile error metric.
     fn label(&self) -> &'static str {
         match self {
@@ -82,7 +88,16 @@ impl OperatorError {
     }
 }
 
-/// The controller's metrics (reconciles, errors, durations, leader changes, elections managed),
+/// The labels of the per-Election series: the Election object's namespace and name. Not
+/// `namespace`: a ServiceMonitor sets that on every scraped series (to the agent's namespace),
+/// and would rename this one `exported_namespace`.
+const ELECTION_LABELS: [&str; 2] = ["election_namespace", "election"];
+
+/// The lease store commands of the controller, the `command` label of its metric.
+const LEASE_COMMANDS: [&str; 5] = ["campaign", "extend", "handover", "resign", "read"];
+
+/// The controller's metrics (reconciles, errors, durations, leader changes, elections managed,
+/// whether this replica runs the controller, and per Election object whether it has a leader),
 /// registered with the agent's.
 #[derive(Clone)]
 pub struct OperatorMetrics {
@@ -92,6 +107,11 @@ pub struct OperatorMetrics {
     leader_changes: IntCounterVec,
     managed: IntGauge,
     lease_commands: IntCounterVec,
+    leading: IntGauge,
+    has_leader: IntGaugeVec,
+    term: GaugeVec,
+    leaderless_since: GaugeVec,
+    election_leader_changes: IntCounterVec,
 }
 
 impl OperatorMetrics {
@@ -136,20 +156,147 @@ impl OperatorMetrics {
                 ),
                 &["command"],
             )?,
+            leading: IntGauge::new(
+                "election_agent_controller_leading",
+                "1 while this agent replica holds the controller lease and runs the Election \
+                 controller, else 0.",
+            )?,
+            has_leader: IntGaugeVec::new(
+                Opts::new(
+                    "election_agent_election_has_leader",
+                    "1 when the Election's lease had a live leader at the controller's last \
+                     reconcile, else 0; one series per Election object, exported by the replica \
+                     running the controller only.",
+                ),
+                &ELECTION_LABELS,
+            )?,
+            term: GaugeVec::new(
+                Opts::new(
+                    "election_agent_election_term_seconds",
+                    "The Election's spec.term in seconds.",
+                ),
+                &ELECTION_LABELS,
+            )?,
+            leaderless_since: GaugeVec::new(
+                Opts::new(
+                    "election_agent_election_leaderless_since_timestamp_seconds",
+                    "Unix time since which the Election has had no leader (its LeaderElected \
+                     condition's last transition to False); 0 while it has one.",
+                ),
+                &ELECTION_LABELS,
+            )?,
+            election_leader_changes: IntCounterVec::new(
+                Opts::new(
+                    "election_agent_election_leader_changes_total",
+                    "Leader changes of the Election the controller published (to another \
+                     leader or to none), counted by the replica running the controller.",
+                ),
+                &ELECTION_LABELS,
+            )?,
         };
+        // Every known label value from the start, so that the first error or command is an
+        // increase Prometheus sees, not the appearance of a series.
+        for error in OperatorError::LABELS {
+            metrics.errors.with_label_values(&[error]);
+        }
+        for command in LEASE_COMMANDS {
+            metrics.lease_commands.with_label_values(&[command]);
+        }
         registry.register(Box::new(metrics.reconciles.clone()))?;
         registry.register(Box::new(metrics.errors.clone()))?;
         registry.register(Box::new(metrics.duration.clone()))?;
         registry.register(Box::new(metrics.leader_changes.clone()))?;
         registry.register(Box::new(metrics.managed.clone()))?;
         registry.register(Box::new(metrics.lease_commands.clone()))?;
+        registry.register(Box::new(metrics.leading.clone()))?;
+        registry.register(Box::new(metrics.has_leader.clone()))?;
+        registry.register(Box::new(metrics.term.clone()))?;
+        registry.register(Box::new(metrics.leaderless_since.clone()))?;
+        registry.register(Box::new(metrics.election_leader_changes.clone()))?;
         Ok(metrics)
+    }
+
+    /// Records whether this replica runs the controller. A replica that stops running it also
+    /// drops every Election's series and counts no managed Election: only the controller's
+    /// replica exports them, so a standby never shows stale values.
+    pub fn set_leading(&self, leading: bool) {
+        self.leading.set(i64::from(leading));
+        if !leading {
+            self.managed.set(0);
+            self.has_leader.reset();
+            self.term.reset();
+            self.leaderless_since.reset();
+            self.election_leader_changes.reset();
+        }
+    }
+
+    /// Records what the controller publishes of `election`: whether it has a leader, its term,
+    /// and since when it has had no leader.
+    pub fn observe_election(&self, election: &Election, status: &ElectionStatus) {
+        let labels = election_labels(election);
+        let since = match &status.leader {
+            Some(_) => 0.0,
+            None => {
+                status
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == "LeaderElected" && c.status == "False")
+                    .map_or_else(k8s_openapi::jiff::Timestamp::now, |c| {
+                        c.last_transition_time.0
+                    })
+                    .as_millisecond() as f64
+                    / 1_000.0
+            }
+        };
+        self.has_leader
+            .with_label_values(&labels)
+            .set(i64::from(status.leader.is_some()));
+        self.leaderless_since.with_label_values(&labels).set(since);
+        match term_ms(&election.spec.term) {
+            Some(ms) => self
+                .term
+                .with_label_values(&labels)
+                .set(ms as f64 / 1_000.0),
+            None => {
+                let _ = self.term.remove_label_values(&labels);
+            }
+        }
+        // From 0, so that the first change is an increase Prometheus sees.
+        self.election_leader_changes.with_label_values(&labels);
+    }
+
+    /// Counts a leader change of `election` (by its kind, and by the Election object).
+    pub fn leader_changed(&self, election: &Election) {
+        self.leader_changes
+            .with_label_values(&[&election.spec.kind])
+            .inc();
+        self.election_leader_changes
+            .with_label_values(&election_labels(election))
+            .inc();
+    }
+
+    /// Drops the series of an Election that is being deleted.
+    pub fn forget_election(&self, election: &Election) {
+        let labels = election_labels(election);
+        // An Election never reconciled by this replica has no series: nothing to remove.
+        let _ = self.has_leader.remove_label_values(&labels);
+        let _ = self.term.remove_label_values(&labels);
+        let _ = self.leaderless_since.remove_label_values(&labels);
+        let _ = self.election_leader_changes.remove_label_values(&labels);
     }
 
     /// Counts one lease store command of the controller.
     fn command(&self, command: &str) {
         self.lease_commands.with_label_values(&[command]).inc();
     }
+}
+
+/// The values of [`ELECTION_LABELS`] for `election`.
+fn election_labels(election: &Election) -> [&str; 2] {
+    [
+        election.metadata.namespace.as_deref().unwrap_or_default(),
+        election.metadata.name.as_deref().unwrap_or_default(),
+    ]
 }
 
 /// What every reconcile gets.

@@ -294,6 +294,8 @@ async fn publish(
     status: ElectionStatus,
     now: Timestamp,
 ) -> Result<(), OperatorError> {
+    // What the controller saw, whether or not it is new enough to write.
+    ctx.metrics.observe_election(election, &status);
     let previous = election.status.as_ref();
     if !plan::worth_writing(previous, &status, now) {
         return Ok(());
@@ -314,10 +316,7 @@ async fn publish(
 
     let before = previous.and_then(|s| s.leader.clone());
     if before != status.leader && (previous.is_some() || status.leader.is_some()) {
-        ctx.metrics
-            .leader_changes
-            .with_label_values(&[&election.spec.kind])
-            .inc();
+        ctx.metrics.leader_changed(election);
         let (reason, note) = match &status.leader {
             Some(leader) => (
                 "LeaderElected",
@@ -370,6 +369,7 @@ async fn cleanup(election: &Election, ctx: &Context) -> Result<Action, OperatorE
     }
     // The finalizer is removed next.
     ctx.leading.check()?;
+    ctx.metrics.forget_election(election);
     Ok(Action::await_change())
 }
 

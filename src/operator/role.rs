@@ -86,6 +86,7 @@ pub async fn run(
         match leases.campaign(&key, &identity, term).await {
             Ok(won) if won.elected => {
                 tracing::info!(%identity, "leading: running the Election controller");
+                metrics.set_leading(true);
                 let leading = Leading::until(deadline(sent, term));
                 let stop = shutdown.child_token();
                 let controller = tokio::spawn(run_controller(
@@ -115,6 +116,9 @@ pub async fn run(
                 leading.lost();
                 stop.cancel();
                 let _ = controller.await;
+                // Only now: a reconcile still running could otherwise set an Election's series
+                // again after they were dropped.
+                metrics.set_leading(false);
                 if shutdown.is_cancelled() {
                     // Let another replica take over at once rather than after the term.
                     metrics.command("resign");
@@ -174,6 +178,75 @@ mod tests {
         })
         .await
         .unwrap_or_else(|_| panic!("{what} within 5 s"));
+    }
+
+    /// A replica that loses the controller lease says so, and drops every Election's series:
+    /// a standby must not export what it no longer watches.
+    #[tokio::test]
+    async fn losing_the_controller_lease_drops_every_elections_series() {
+        let service = ElectionService::new(
+            Store::Memory(MemoryStore::new()),
+            None,
+            TermBounds::default(),
+            Arc::new(Metrics::new("test", vec![1.0]).unwrap()),
+            CancellationToken::new(),
+        );
+        let (mock, _api) = mock::pair::<Request<Body>, Response<Body>>();
+        let metrics = OperatorMetrics::register(&Registry::new()).unwrap();
+        let stop = CancellationToken::new();
+        let replica = tokio::spawn(run(
+            Client::new(mock, "default"),
+            service.clone(),
+            metrics.clone(),
+            Name::parse("identity", "replica-a").unwrap(),
+            Default::default(),
+            Term::from_millis(1_000),
+            stop.clone(),
+        ));
+        eventually("replica-a leads", async || metrics.leading.get() == 1).await;
+        let spec = serde_json::from_value(serde_json::json!({})).unwrap();
+        let mut election = crate::operator::crd::Election::new("jobs", spec);
+        election.metadata.namespace = Some("shop".into());
+        metrics.observe_election(&election, &Default::default());
+        assert_eq!(
+            metrics
+                .has_leader
+                .with_label_values(&["shop", "jobs"])
+                .get(),
+            0
+        );
+
+        service
+            .leases()
+            .handover(
+                &controller_lease(),
+                &Name::parse("identity", "intruder").unwrap(),
+                Term::from_millis(60_000),
+            )
+            .await
+            .unwrap();
+        eventually("replica-a stops leading", async || {
+            metrics.leading.get() == 0
+        })
+        .await;
+        assert!(
+            metrics
+                .has_leader
+                .remove_label_values(&["shop", "jobs"])
+                .is_err(),
+            "no series left"
+        );
+        assert!(
+            metrics
+                .election_leader_changes
+                .remove_label_values(&["shop", "jobs"])
+                .is_err()
+        );
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), replica)
+            .await
+            .expect("replica-a stops within 5 s")
+            .unwrap();
     }
 
     /// Two replicas over one lease store: one runs the controller; when it stops, the other

@@ -319,7 +319,13 @@ async fn managed_mode_moves_leadership_and_the_label_to_the_new_revision() {
 
 #[tokio::test]
 async fn deleting_an_election_gives_up_its_lease_and_label_then_releases_the_object() {
-    let (mut api, service, election, reconciling, _) = reconciling(true).await;
+    let (mut api, service, election, reconciling, metrics) = reconciling(true).await;
+    // What an earlier reconcile exported about it.
+    let leading = crd::ElectionStatus {
+        leader: Some("web-1-a".into()),
+        ..Default::default()
+    };
+    metrics.observe_election(&election, &leading);
 
     expect_label_listed(&mut api, "election-agent.io/leader", &["web-1-a"]).await;
     expect_label_removed(&mut api, "web-1-a").await;
@@ -344,6 +350,73 @@ async fn deleting_an_election_gives_up_its_lease_and_label_then_releases_the_obj
         service.leader("default", "jobs").await,
         Err(ElectionError::NoLeader { .. })
     ));
+    assert!(
+        metrics
+            .has_leader
+            .remove_label_values(&["shop", "jobs"])
+            .is_err(),
+        "a deleted Election's series are gone"
+    );
+}
+
+/// The gauges of an Election not in managed mode follow its lease: a leader, then none once the
+/// lease ended — seen without any other trigger, as the controller looks again when the lease
+/// would expire — and since when it has had none.
+#[tokio::test]
+async fn an_elections_gauges_say_whether_it_has_a_leader_and_since_when_not() {
+    let (mock, mut api) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(mock, "default");
+    let service = service();
+    service
+        .campaign("default", "jobs", "alice", 15_000)
+        .await
+        .unwrap();
+    let mut election = election(false);
+    election.spec.deployment = None;
+    election.spec.managed = false;
+    let ctx = context(client, service.clone(), &election);
+    let metrics = ctx.metrics.clone();
+    let labels = ["shop", "jobs"];
+    let gauges = || {
+        (
+            metrics.has_leader.with_label_values(&labels).get(),
+            metrics.leaderless_since.with_label_values(&labels).get(),
+            metrics.term.with_label_values(&labels).get(),
+            metrics
+                .election_leader_changes
+                .with_label_values(&labels)
+                .get(),
+        )
+    };
+
+    let reconciling = tokio::spawn(reconcile(Arc::new(election.clone()), ctx.clone()));
+    let applied = expect_status_applied(&mut api, &election).await;
+    assert_eq!(applied["status"]["leader"], "alice");
+    expect_event(&mut api).await;
+    let action = reconciling.await.unwrap().unwrap();
+    let (has_leader, since, term, changes) = gauges();
+    assert_eq!((has_leader, since, term, changes), (1, 0.0, 15.0, 1));
+    // The lease's time to live as the store answered, plus 50 ms.
+    assert!(
+        (14_000..=15_050).any(|ms| action == Action::requeue(Duration::from_millis(ms))),
+        "looks again when the lease would expire: {action:?}"
+    );
+
+    // The lease ends (here by resigning; expiring is the same to the controller).
+    service.resign("default", "jobs", "alice").await.unwrap();
+    election.status = Some(serde_json::from_value(applied["status"].clone()).unwrap());
+    let before = Timestamp::now().as_second() as f64;
+    let reconciling = tokio::spawn(reconcile(Arc::new(election.clone()), ctx));
+    let applied = expect_status_applied(&mut api, &election).await;
+    assert_eq!(applied["status"].get("leader"), None);
+    assert_eq!(expect_event(&mut api).await["reason"], "NoLeader");
+    reconciling.await.unwrap().unwrap();
+    let (has_leader, since, term, changes) = gauges();
+    assert_eq!((has_leader, term, changes), (0, 15.0, 2));
+    assert!(
+        since >= before && since <= Timestamp::now().as_second() as f64 + 1.0,
+        "no leader since the reconcile that saw the lease end: {since} (from {before})"
+    );
 }
 
 /// Caches that never synced cannot say which pods carry the label: the finalizer stays, the
