@@ -25,6 +25,19 @@ fi
 # The chart's tests (tests/chart.rs, tests/rbac.rs) run helm.
 install_helm
 
+# The alert tests (tests/alerts.rs) check the chart's rules and run their unit tests with
+# promtool, from Debian's prometheus package.
+if ! command -v promtool >/dev/null 2>&1; then
+  step "installing promtool for the alert tests (Debian: prometheus)"
+  # Without its recommended node exporter, which would start a service of its own.
+  apt_install --no-install-recommends prometheus
+  # The package may start a Prometheus server (9090); the tests need only promtool.
+  as_root service prometheus stop >/dev/null 2>&1 || true
+  if command -v systemctl >/dev/null 2>&1; then
+    as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+fi
+
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   step "installing cargo-nextest"
   cargo install --locked cargo-nextest
