@@ -319,15 +319,18 @@ impl ElectionService {
         self.inner.store.housekeep()
     }
 
-    /// Readiness: the store can serve and the agent is not shutting down.
+    /// Readiness: the agent is not shutting down, the store can serve and the Kubernetes caches
+    /// (if any) have synced.
     pub async fn ready(&self) -> Result<(), ElectionError> {
         if self.inner.shutdown.is_cancelled() {
             return Err(StoreError::Unavailable("the agent is shutting down".into()).into());
         }
+        // The store first, so that a `Discovery` error means the store answered.
+        self.inner.store.check().await?;
         if self.inner.discovery.as_ref().is_some_and(|d| !d.synced()) {
             return Err(DiscoveryError::NotSynced.into());
         }
-        Ok(self.inner.store.check().await?)
+        Ok(())
     }
 
     /// The current leader of an election at once, then every change of leadership, until the

@@ -379,10 +379,12 @@ async fn follow_readiness(
     let mut serving = true;
     while !shutdown.is_cancelled() {
         let ready = service.ready().await;
-        // Until the caches have synced the store is not asked: its gauge keeps what it was. When
-        // shutting down, `Unavailable` is about the agent, not the store.
+        // The store is asked first: unsynced caches say nothing about it. When shutting down,
+        // `Unavailable` is about the agent, not the store.
         match &ready {
-            Ok(()) => service.metrics().set_store_available(true),
+            Ok(()) | Err(ElectionError::Discovery(_)) => {
+                service.metrics().set_store_available(true)
+            }
             Err(ElectionError::Unavailable(_)) if !shutdown.is_cancelled() => {
                 service.metrics().set_store_available(false);
             }
@@ -558,6 +560,60 @@ mod tests {
         while !condition().await {
             assert!(Instant::now() < deadline, "{what}: not within 5 s");
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Unsynced Kubernetes caches make the agent unready, but say nothing about the store: the
+    /// store-availability gauge (which an alert watches) follows the store alone — 1 for a store
+    /// that answers, 0 for one that does not.
+    #[tokio::test]
+    async fn unsynced_caches_leave_the_store_available_gauge_to_the_store() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        for (store, available) in [
+            (vec![("EA_REDIS_MODE", "memory".to_owned())], 1),
+            (
+                vec![
+                    ("EA_REDIS_MODE", "single".to_owned()),
+                    ("EA_REDIS_URLS", format!("redis://{closed}")),
+                ],
+                0,
+            ),
+        ] {
+            let mut sources = Sources::default()
+                .flag("EA_BIND_ADDRESS", "127.0.0.1")
+                .flag("EA_GRPC_PORT", "0")
+                .flag("EA_HTTP_PORT", "0")
+                .flag("EA_CONTROLLER_ENABLE", "false");
+            for (key, value) in store {
+                sources = sources.flag(key, value);
+            }
+            // An API server that never answers: the caches never sync.
+            let (mock, _api) = tower_test::mock::pair::<
+                ::http::Request<kube::client::Body>,
+                ::http::Response<kube::client::Body>,
+            >();
+            let agent = start_with_kubernetes(
+                &sources.resolve().unwrap(),
+                kube::Client::new(mock, "default"),
+            )
+            .await
+            .unwrap();
+            let http = agent.http_address.unwrap();
+            let gauge =
+                format!("election_agent_store_available{{agent=\"election-agent\"}} {available}");
+            // Past the first readiness checks.
+            tokio::time::sleep(READINESS_INTERVAL * 2).await;
+            eventually(&gauge, async || {
+                get(http, "/metrics").await.1.contains(&gauge)
+            })
+            .await;
+            let (status, body) = get(http, "/readyz").await;
+            assert_eq!(status, 503, "{body}");
+            agent.shutdown().await;
+            agent.wait().await.unwrap();
         }
     }
 
