@@ -18,8 +18,7 @@ LABEL org.opencontainers.image.title="election-agent" \
       org.opencontainers.image.description="Leader-election service and Kubernetes operator: campaign, keep, hand over and watch leadership over gRPC or HTTP" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.source="https://github.com/election-agent/election-agent"
+      org.opencontainers.image.licenses="Apache-2.0"
 
 COPY rootfs/ /
 

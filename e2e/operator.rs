@@ -5,7 +5,8 @@
 //! within two seconds, gives the lease up when no pod is left, follows a change of the label's
 //! name and takes the label off when the Election stops being managed; and of two agent
 //! processes sharing one Redis store, exactly one runs the controller, the other taking over
-//! within the controller's term when it dies, and at once when it shuts down.
+//! within the controller's term when it dies, and at once when it shuts down. The Helm chart's
+//! scenario (`operator/chart.rs`) installs the chart and runs the agent as its ServiceAccount.
 //!
 //! Every test is `#[ignore]`d: `scripts/e2e.sh` runs them when a cluster is configured.
 

@@ -372,6 +372,21 @@ async fn the_chart_installs_and_its_service_account_keeps_a_managed_election_and
     drop(namespace);
 }
 
+/// `--ulimit` for `name`: this process's own (soft) limit (`/proc/self/limits` row `row`), at
+/// most `cap`, as both the container's soft and hard limit. podman's defaults may exceed what
+/// this machine allows, and then the container cannot start; runc is refused some raises
+/// (processes) even up to the soft limit here, hence the cap.
+fn limit(name: &str, row: &str, cap: u64) -> String {
+    let limits = std::fs::read_to_string("/proc/self/limits").expect("/proc/self/limits");
+    let soft = limits
+        .lines()
+        .find(|line| line.starts_with(row))
+        .and_then(|line| line[row.len()..].split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {row} in /proc/self/limits"));
+    let value = soft.parse().map_or(cap, |soft: u64| soft.min(cap));
+    format!("{name}={value}:{value}")
+}
+
 /// Runs `image` with podman — read-only root filesystem, non-root, host network, the chart's
 /// `environment` with the ServiceAccount's `kubeconfig` mounted — and checks that it answers
 /// `/livez` and `/readyz`, runs as uid 65532, and takes up the controller with no Forbidden.
@@ -387,6 +402,7 @@ async fn the_image_runs_read_only_as_non_root(
         .find(|(key, _)| key == "EA_HTTP_PORT")
         .map(|(_, port)| port.clone())
         .unwrap();
+    let port: u16 = http_port.parse().unwrap();
     let podman = ["--runtime", "/usr/sbin/runc", "--cgroup-manager=cgroupfs"];
     let mut args: Vec<String> = podman.iter().map(|s| (*s).to_owned()).collect();
     args.extend(
@@ -398,6 +414,10 @@ async fn the_image_runs_read_only_as_non_root(
             "--network",
             "host",
             "--read-only",
+            "--ulimit",
+            &limit("nofile", "Max open files", 65_536),
+            "--ulimit",
+            &limit("nproc", "Max processes", 4_096),
             "--cap-drop",
             "ALL",
             "--security-opt",
@@ -438,9 +458,18 @@ async fn the_image_runs_read_only_as_non_root(
         until(
             &format!("the image answers /{probe}"),
             Duration::from_secs(30),
-            async || match http_get(&url).await {
-                (200, _) => Ok(()),
-                (code, body) => Err(format!("{code} {body}\n{}", logs())),
+            async || {
+                // Not listening yet is fine; http_get would take it for a failure.
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_err()
+                {
+                    return Err(format!("not listening yet\n{}", logs()));
+                }
+                match http_get(&url).await {
+                    (200, _) => Ok(()),
+                    (code, body) => Err(format!("{code} {body}\n{}", logs())),
+                }
             },
         )
         .await;
@@ -462,7 +491,9 @@ async fn the_image_runs_read_only_as_non_root(
         .lines()
         .find(|line| line.starts_with("Uid:"))
         .unwrap_or_default()
-        .to_owned();
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     eprintln!("image user {}, process {uid}", user.trim());
     assert!(
         uid.split_whitespace().skip(1).all(|id| id == "65532"),
