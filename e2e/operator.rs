@@ -276,6 +276,54 @@ async fn labelled_leader(
     leader
 }
 
+/// Deletes pod `leader` (which lingers in Terminating) and waits at most `limit` until the
+/// leader label is on another Ready pod — never on two pods meanwhile; that pod's name.
+async fn label_moves_off_deleted(
+    client: &Client,
+    elections: &Api<Election>,
+    ns: &str,
+    leader: &str,
+    limit: Duration,
+) -> String {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    within(
+        "delete the leader pod",
+        Duration::from_secs(10),
+        pods.delete(leader, &DeleteParams::default()),
+    )
+    .await
+    .expect("delete the leader pod");
+    let deleted_at = Instant::now();
+    let next = loop {
+        let labelled = pods_labelled(client, ns, LEADER_LABEL).await;
+        assert!(labelled.len() <= 1, "two pods labelled: {labelled:?}");
+        if let [pod] = labelled.as_slice()
+            && pod != leader
+        {
+            let pod = within("read the pod", Duration::from_secs(10), pods.get(pod))
+                .await
+                .expect("the labelled pod");
+            assert!(
+                common::ready(&pod),
+                "labelled a pod that may not lead: {pod:#?}"
+            );
+            break pod.name_any();
+        }
+        assert!(
+            deleted_at.elapsed() < limit,
+            "the label did not move off the deleted leader {leader} within {limit:?}: \
+             {labelled:?}\n{:#?}",
+            status(elections, "web-leader").await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "leader pod {leader} deleted: label on {next} after {:?}",
+        deleted_at.elapsed()
+    );
+    next
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a Kubernetes cluster: run scripts/e2e.sh with KUBECONFIG set"]
 async fn the_api_server_refuses_invalid_elections() {
@@ -545,41 +593,8 @@ async fn managed_mode_moves_the_label_off_a_deleted_leader_within_2_s_and_resign
 
     // The leader pod is deleted (it lingers in Terminating): the label moves to another Ready
     // pod within 2 s, and is never on two pods meanwhile.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    within(
-        "delete the leader pod",
-        Duration::from_secs(10),
-        pods.delete(&first, &DeleteParams::default()),
-    )
-    .await
-    .expect("delete the leader pod");
-    let deleted_at = Instant::now();
-    let next = loop {
-        let labelled = pods_labelled(&client, ns, LEADER_LABEL).await;
-        assert!(labelled.len() <= 1, "two pods labelled: {labelled:?}");
-        if let [pod] = labelled.as_slice()
-            && pod != &first
-        {
-            let pod = within("read the pod", Duration::from_secs(10), pods.get(pod))
-                .await
-                .expect("the labelled pod");
-            assert!(
-                common::ready(&pod),
-                "labelled a pod that may not lead: {pod:#?}"
-            );
-            break pod.name_any();
-        }
-        assert!(
-            deleted_at.elapsed() < Duration::from_secs(2),
-            "the label did not move off the deleted leader {first} within 2 s: {labelled:?}\n{:#?}",
-            status(&elections, "web-leader").await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    eprintln!(
-        "leader pod {first} deleted: label on {next} after {:?}",
-        deleted_at.elapsed()
-    );
+    let next =
+        label_moves_off_deleted(&client, &elections, ns, &first, Duration::from_secs(2)).await;
     eventually(
         "the status names the new leader",
         Duration::from_secs(5),

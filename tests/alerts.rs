@@ -6,10 +6,11 @@
 //! Needs `helm` (as tests/chart.rs: `HELM`, else PATH) and `promtool` (`PROMTOOL`, else PATH;
 //! Debian's `prometheus` package, which `scripts/test.sh` installs).
 
+mod tools;
+
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
-    process::Command,
 };
 
 use election_agent::{
@@ -20,50 +21,15 @@ use election_agent::{
     },
 };
 use serde_json::{Value, json};
+use tools::{CHART, helm, root, run};
 
-const CHART: &str = "helm/election-agent";
 const RULE_TESTS: &str = "tests/alerts/election-agent.test.yaml";
 const DASHBOARD: &str = "helm/election-agent/files/dashboard.json";
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Runs `tool` (the program `env` names, else `default`) with `args` in `dir`: its exit status
-/// and what it printed.
-fn run(env: &str, default: &str, args: &[&str], dir: &Path) -> (bool, String) {
-    let program = std::env::var(env).unwrap_or_else(|_| default.into());
-    let output = Command::new(&program)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|err| panic!("cannot run {program} ({err}): scripts/test.sh installs it"));
-    let printed = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    (output.status.success(), printed)
-}
-
-fn helm(args: &[&str]) -> (bool, String) {
-    run("HELM", "helm", args, root())
-}
 
 /// One template of the chart rendered as the plain manifests are (release and namespace
 /// `election-agent`) with `values`, parsed.
 fn rendered(template: &str, values: &[&str]) -> Value {
-    let mut args = vec![
-        "template",
-        "election-agent",
-        CHART,
-        "--namespace",
-        "election-agent",
-        "--show-only",
-        template,
-    ];
-    for value in values {
-        args.extend(["--set", value]);
-    }
-    let (ok, printed) = helm(&args);
-    assert!(ok, "{printed}");
+    let printed = tools::template(&[&["--show-only", template][..], &tools::set(values)].concat());
     serde_saphyr::from_str(&printed).unwrap_or_else(|err| panic!("{err}:\n{printed}"))
 }
 

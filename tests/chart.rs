@@ -5,44 +5,15 @@
 //! Needs the `helm` binary: `scripts/test.sh` installs one into `target/tools/bin` and puts it on
 //! PATH; `HELM` names another.
 
-use std::{path::Path, process::Command};
+mod tools;
 
-const CHART: &str = "helm/election-agent";
+use tools::{CHART, helm, root};
+
 const MANIFESTS: &str = "deploy/election-agent.yaml";
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Runs helm with `args` in the repository: its exit status and what it printed.
-fn helm(args: &[&str]) -> (bool, String) {
-    let program = std::env::var("HELM").unwrap_or_else(|_| "helm".into());
-    let output = Command::new(&program)
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap_or_else(|err| {
-            panic!(
-                "cannot run {program} ({err}): scripts/test.sh installs it into target/tools/bin"
-            )
-        });
-    let printed = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    (output.status.success(), printed)
-}
 
 /// The plain manifests: the chart rendered with default values, CRD included.
 fn rendered_with_defaults() -> String {
-    let (ok, printed) = helm(&[
-        "template",
-        "election-agent",
-        CHART,
-        "--namespace",
-        "election-agent",
-        "--include-crds",
-    ]);
-    assert!(ok, "{printed}");
-    printed
+    tools::template(&["--include-crds"])
 }
 
 #[test]

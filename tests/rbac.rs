@@ -14,11 +14,11 @@
 //! Needs the `helm` binary: `scripts/test.sh` installs one into `target/tools/bin` and puts it on
 //! PATH; `HELM` names another.
 
+mod tools;
+
 use std::{
     collections::BTreeSet,
     convert::Infallible,
-    path::Path,
-    process::Command,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -29,7 +29,6 @@ use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use kube::client::Body;
 use serde_json::{Value, json};
 
-const CHART: &str = "helm/election-agent";
 const FINALIZER: &str = "election-agent.io/lease";
 
 /// One call, or one grant: `namespace` `None` is cluster-wide.
@@ -397,37 +396,15 @@ fn discovery_watches(requests: &[String]) -> bool {
 
 /// The rules of the Roles and ClusterRoles the chart renders with `values`.
 fn chart_rules(values: &[&str]) -> BTreeSet<Access> {
-    let program = std::env::var("HELM").unwrap_or_else(|_| "helm".into());
-    let mut args = vec![
-        "template",
-        "election-agent",
-        CHART,
-        "--namespace",
-        "election-agent",
-        "--show-only",
-        "templates/rbac.yaml",
-    ];
-    for value in values {
-        args.extend(["--set", value]);
-    }
-    let output = Command::new(&program)
-        .args(&args)
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))
-        .output()
-        .unwrap_or_else(|err| {
-            panic!(
-                "cannot run {program} ({err}): scripts/test.sh installs it into target/tools/bin"
-            )
-        });
-    let printed = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{printed}{}",
-        String::from_utf8_lossy(&output.stderr)
+    let printed = tools::template(
+        &[
+            &["--show-only", "templates/rbac.yaml"][..],
+            &tools::set(values),
+        ]
+        .concat(),
     );
-    let documents: Vec<Value> = serde_saphyr::from_multiple(&printed).expect("helm prints YAML");
     let mut rules = BTreeSet::new();
-    for document in documents {
+    for document in tools::documents(&printed) {
         let namespace = match document["kind"].as_str() {
             Some("Role") => Some(
                 document["metadata"]["namespace"]

@@ -18,11 +18,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::{Api, api::DeleteParams};
+use kube::api::DeleteParams;
 use serde_json::{Value, json};
 
-use super::{LEADER_LABEL, install_crd, labelled_leader, managed_web, pods_labelled};
+use super::{
+    LEADER_LABEL, install_crd, label_moves_off_deleted, labelled_leader, managed_web, pods_labelled,
+};
 use crate::common::{
     self, TestNamespace, eventually, http_get,
     processes::{AgentProcess, free_port},
@@ -311,28 +312,7 @@ async fn the_chart_installs_and_its_service_account_keeps_a_managed_election_and
 
     let (_deployments, elections) = managed_web(&client, ns).await;
     let first = labelled_leader(&client, &elections, ns, LEADER_LABEL, 1).await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    within(
-        "delete the leader pod",
-        Duration::from_secs(10),
-        pods.delete(&first, &DeleteParams::default()),
-    )
-    .await
-    .expect("delete the leader pod");
-    let mut next = String::new();
-    until(
-        "the label moves to another pod",
-        Duration::from_secs(10),
-        async || match pods_labelled(&client, ns, LEADER_LABEL).await.as_slice() {
-            [pod] if pod != &first => {
-                next = pod.clone();
-                Ok(())
-            }
-            other => Err(format!("labelled {other:?}")),
-        },
-    )
-    .await;
-    eprintln!("leader {first} deleted; the label moved to {next}");
+    label_moves_off_deleted(&client, &elections, ns, &first, Duration::from_secs(10)).await;
 
     // Deleting the Election takes the label off and the finalizer with it.
     within(
