@@ -54,6 +54,12 @@ fn the_values_schema_refuses_bad_values_naming_them() {
         ("watchNamespaces[0]=Not_A_Namespace", "watchNamespaces.0"),
         ("replicas=3", "replicas"),
         ("extraEnv[0].name=PATH", "extraEnv.0.name"),
+        // The demo Redis is the store: no other at the same time.
+        ("redis.demo.enabled=true,redis.mode=cluster", "redis.mode"),
+        (
+            "redis.demo.enabled=true,redis.urls={redis://redis:6379}",
+            "redis.urls",
+        ),
     ] {
         let (ok, printed) = helm(&["template", "x", CHART, "--set", value]);
         assert!(!ok, "{value} was accepted");
@@ -73,4 +79,51 @@ fn the_values_schema_refuses_bad_values_naming_them() {
     ]);
     assert!(ok, "a valid Redis setting: {printed}");
     assert!(printed.contains("replicas: 2"), "two replicas with Redis");
+}
+
+/// `redis.demo.enabled`: a Redis Deployment and Service in the release, the agent in mode
+/// `single` at that Service with two replicas — and the Redis pods are not the agent's: neither
+/// the agent's Deployment nor its Service selects them.
+#[test]
+fn the_demo_redis_is_the_agents_store_and_not_one_of_its_pods() {
+    let objects = tools::documents(&tools::template(&["--set", "redis.demo.enabled=true"]));
+    let find = |kind: &str, name: &str| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+    };
+    let agent = find("Deployment", "election-agent");
+    let redis = find("Deployment", "election-agent-redis");
+    let service = find("Service", "election-agent-redis");
+    let env = &agent["spec"]["template"]["spec"]["containers"][0]["env"];
+    let variable = |name: &str| {
+        env.as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .map(|v| v["value"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(variable("EA_REDIS_MODE").as_deref(), Some("single"));
+    assert_eq!(
+        variable("EA_REDIS_URLS").as_deref(),
+        Some("redis://election-agent-redis:6379")
+    );
+    assert_eq!(agent["spec"]["replicas"], 2);
+    assert_eq!(service["spec"]["ports"][0]["port"], 6379);
+
+    let redis_pods = &redis["spec"]["template"]["metadata"]["labels"];
+    let selects = |selector: &serde_json::Value| {
+        selector
+            .as_object()
+            .unwrap()
+            .iter()
+            .all(|(key, value)| &redis_pods[key] == value)
+    };
+    assert!(selects(&redis["spec"]["selector"]["matchLabels"]));
+    assert!(selects(&service["spec"]["selector"]));
+    assert!(!selects(&agent["spec"]["selector"]["matchLabels"]));
+    assert!(!selects(&find("Service", "election-agent")["spec"]["selector"]));
+    let security = &redis["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+    assert_eq!(security["readOnlyRootFilesystem"], true);
 }

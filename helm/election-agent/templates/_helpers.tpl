@@ -63,8 +63,11 @@ Kept in one place so that the e2e test can run the agent out of cluster with exa
 - name: EA_CONTROLLER_TERM
   value: {{ .Values.controller.term | quote }}
 - name: EA_REDIS_MODE
-  value: {{ .Values.redis.mode | quote }}
-{{- if .Values.redis.existingSecret }}
+  value: {{ include "election-agent.redisMode" . | quote }}
+{{- if .Values.redis.demo.enabled }}
+- name: EA_REDIS_URLS
+  value: "redis://{{ include "election-agent.fullname" . }}-redis:6379"
+{{- else if .Values.redis.existingSecret }}
 - name: EA_REDIS_URLS
   valueFrom:
     secretKeyRef:
@@ -97,9 +100,18 @@ Kept in one place so that the e2e test can run the agent out of cluster with exa
 {{- end }}
 {{- end -}}
 
+{{/* The store's mode: `single` with the demo Redis. */}}
+{{- define "election-agent.redisMode" -}}
+{{- if .Values.redis.demo.enabled -}}
+single
+{{- else -}}
+{{- .Values.redis.mode -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Replicas: 2 by default with Redis, 1 with the memory store (never more). */}}
 {{- define "election-agent.replicas" -}}
-{{- $memory := eq .Values.redis.mode "memory" -}}
+{{- $memory := eq (include "election-agent.redisMode" .) "memory" -}}
 {{- if kindIs "invalid" .Values.replicaCount -}}
 {{- ternary 1 2 $memory -}}
 {{- else if and $memory (gt (int .Values.replicaCount) 1) -}}
