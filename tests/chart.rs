@@ -123,7 +123,9 @@ fn the_demo_redis_is_the_agents_store_and_not_one_of_its_pods() {
     assert!(selects(&redis["spec"]["selector"]["matchLabels"]));
     assert!(selects(&service["spec"]["selector"]));
     assert!(!selects(&agent["spec"]["selector"]["matchLabels"]));
-    assert!(!selects(&find("Service", "election-agent")["spec"]["selector"]));
+    assert!(!selects(
+        &find("Service", "election-agent")["spec"]["selector"]
+    ));
     let security = &redis["spec"]["template"]["spec"]["containers"][0]["securityContext"];
     assert_eq!(security["readOnlyRootFilesystem"], true);
 }
