@@ -10,15 +10,16 @@ use std::{convert::Infallible, sync::Arc};
 
 use axum::{
     Router,
+    body::Bytes,
     extract::{
-        DefaultBodyLimit, FromRequest, FromRequestParts, State,
-        rejection::{JsonRejection, PathRejection},
+        DefaultBodyLimit, FromRequest, FromRequestParts, Request, State,
+        rejection::{BytesRejection, JsonRejection, PathRejection},
     },
     http::{StatusCode, header},
     response::{IntoResponse, Response, sse},
 };
 use futures::{Stream, StreamExt};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -165,10 +166,37 @@ impl From<PathRejection> for ApiError {
     }
 }
 
-/// `axum::Json` whose rejections are [`ApiError`]s.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        Self {
+            status: rejection.status(),
+            message: rejection.body_text(),
+        }
+    }
+}
+
+/// A JSON body, whose rejections are [`ApiError`]s: declared `application/json` (or `+json`), or
+/// with no Content-Type at all — the Go service read those as JSON, and its clients (its own
+/// benchmark among them: Go's `http.NewRequest`) send none. Another declared type is 415.
 struct Json<T>(T);
+
+impl<T, S> FromRequest<S> for Json<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        if request.headers().contains_key(header::CONTENT_TYPE) {
+            let axum::Json(value) = axum::Json::<T>::from_request(request, state).await?;
+            return Ok(Self(value));
+        }
+        let body = Bytes::from_request(request, state).await?;
+        let axum::Json(value) = axum::Json::<T>::from_bytes(&body)?;
+        Ok(Self(value))
+    }
+}
 
 impl<T: Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {
@@ -329,7 +357,7 @@ async fn get_leader(
         (status = 400, description = "Invalid or malformed request", body = ErrorBody),
         (status = 412, description = "Lease store unavailable", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 415, description = "A declared Content-Type other than application/json (none is read as JSON)", body = ErrorBody),
     ))]
 async fn campaign(
     State(state): State<HttpState>,
@@ -358,7 +386,7 @@ async fn campaign(
         (status = 409, description = "Another candidate leads", body = ErrorBody),
         (status = 412, description = "Lease store unavailable", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 415, description = "A declared Content-Type other than application/json (none is read as JSON)", body = ErrorBody),
     ))]
 async fn extend(
     State(state): State<HttpState>,
@@ -390,7 +418,7 @@ async fn extend(
         (status = 400, description = "Invalid or malformed request", body = ErrorBody),
         (status = 412, description = "Lease store unavailable", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 415, description = "A declared Content-Type other than application/json (none is read as JSON)", body = ErrorBody),
     ))]
 async fn handover(
     State(state): State<HttpState>,
@@ -416,7 +444,7 @@ async fn handover(
         (status = 404, description = "Another candidate leads", body = ErrorBody),
         (status = 412, description = "Lease store unavailable", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 415, description = "A declared Content-Type other than application/json (none is read as JSON)", body = ErrorBody),
     ))]
 async fn resign(
     State(state): State<HttpState>,
