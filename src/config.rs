@@ -87,6 +87,16 @@ settings! {
         "run the Election controller (with EA_KUBE_ENABLE); agent replicas elect one to run it";
     "EA_CONTROLLER_TERM" => "controller.term" = "15s",
         "term of the controller role's lease: another replica takes over within it";
+    "EA_AUTH_TOKENS_FILE" => "auth.tokens_file" = "",
+        "static bearer tokens, in kube-apiserver's --token-auth-file CSV format (token,user,uid,\"group1,group2\"); empty: none";
+    "EA_AUTH_KUBERNETES" => "auth.kubernetes" = "false",
+        "accept Kubernetes ServiceAccount tokens, verified by the API server's TokenReview for EA_AUTH_AUDIENCE";
+    "EA_AUTH_AUDIENCE" => "auth.audience" = "election-agent",
+        "the audience Kubernetes tokens must be issued for (kubectl create token SA --audience election-agent)";
+    "EA_AUTH_POLICY_FILE" => "auth.policy_file" = "",
+        "YAML authorization rules (needs authentication); empty: an authenticated caller may do everything but handover";
+    "EA_AUTH_METRICS" => "auth.metrics" = "false",
+        "with authentication on, /metrics needs a token too (else it stays open, like the probes)";
     "EA_REDIS_MODE" => "redis.mode" = "",
         "memory|single|failover|cluster|sharding; empty: memory without EA_REDIS_URLS, else single";
     "EA_REDIS_URLS" => "redis.urls" = "",
@@ -259,6 +269,28 @@ pub struct StoreConfig {
     pub retention: Duration,
 }
 
+/// `EA_AUTH_*`: who may call the API. Authentication is on when a token source is set.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuthConfig {
+    /// `EA_AUTH_TOKENS_FILE`.
+    pub tokens_file: Option<PathBuf>,
+    /// `EA_AUTH_KUBERNETES`.
+    pub kubernetes: bool,
+    /// `EA_AUTH_AUDIENCE`.
+    pub audience: String,
+    /// `EA_AUTH_POLICY_FILE` (none: the default policy).
+    pub policy_file: Option<PathBuf>,
+    /// `EA_AUTH_METRICS`: `/metrics` needs a token too.
+    pub metrics: bool,
+}
+
+impl AuthConfig {
+    /// Whether requests must be authenticated.
+    pub fn enabled(&self) -> bool {
+        self.tokens_file.is_some() || self.kubernetes
+    }
+}
+
 /// The agent's whole configuration, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -288,6 +320,8 @@ pub struct Config {
     pub controller_enabled: bool,
     /// `EA_CONTROLLER_TERM`.
     pub controller_term: Duration,
+    /// `EA_AUTH_*`.
+    pub auth: AuthConfig,
     /// `EA_REDIS_*` and `EA_KEY_PREFIX`.
     pub store: StoreConfig,
     /// `EA_LEASE_MIN_TERM`, `EA_LEASE_MAX_TERM`.
@@ -628,6 +662,7 @@ impl Values {
             kube_namespaces: self.get("EA_KUBE_NAMESPACES", namespaces)?,
             controller_enabled: self.get("EA_CONTROLLER_ENABLE", boolean)?,
             controller_term: self.get("EA_CONTROLLER_TERM", positive_duration)?,
+            auth: self.auth()?,
             store: StoreConfig {
                 mode,
                 urls,
@@ -641,6 +676,36 @@ impl Values {
             terms: TermBounds { min, max },
             shutdown_timeout: self.get("EA_SHUTDOWN_TIMEOUT", positive_duration)?,
         })
+    }
+}
+
+impl Values {
+    /// `EA_AUTH_*`. A policy, or a protected `/metrics`, without a way to authenticate would
+    /// leave every request refused (or the setting silently ignored): refused.
+    fn auth(&self) -> Result<AuthConfig, ConfigError> {
+        let file = |v: &str| Ok((!v.is_empty()).then(|| PathBuf::from(v)));
+        let auth = AuthConfig {
+            tokens_file: self.get("EA_AUTH_TOKENS_FILE", file)?,
+            kubernetes: self.get("EA_AUTH_KUBERNETES", boolean)?,
+            audience: self.get("EA_AUTH_AUDIENCE", non_empty)?,
+            policy_file: self.get("EA_AUTH_POLICY_FILE", file)?,
+            metrics: self.get("EA_AUTH_METRICS", boolean)?,
+        };
+        let needs_authentication = |key| {
+            self.conflict(
+                key,
+                "applies to authenticated callers, and authentication is off: set \
+                 EA_AUTH_TOKENS_FILE or EA_AUTH_KUBERNETES=true"
+                    .into(),
+            )
+        };
+        if !auth.enabled() && auth.policy_file.is_some() {
+            return Err(needs_authentication("EA_AUTH_POLICY_FILE"));
+        }
+        if !auth.enabled() && auth.metrics {
+            return Err(needs_authentication("EA_AUTH_METRICS"));
+        }
+        Ok(auth)
     }
 }
 
@@ -993,6 +1058,60 @@ mod tests {
                 "{file}"
             );
         }
+    }
+
+    #[test]
+    fn authentication_is_off_by_default_and_a_policy_or_protected_metrics_need_it() {
+        let config = Config::default();
+        assert!(!config.auth.enabled());
+        assert_eq!(config.auth.audience, "election-agent");
+        let config = Sources::default()
+            .environment(env(&[
+                ("EA_AUTH_TOKENS_FILE", "/etc/ea/tokens.csv"),
+                ("EA_AUTH_POLICY_FILE", "/etc/ea/policy.yaml"),
+                ("EA_AUTH_METRICS", "true"),
+            ]))
+            .resolve()
+            .unwrap();
+        assert!(config.auth.enabled());
+        assert_eq!(
+            config.auth.tokens_file.as_deref(),
+            Some(Path::new("/etc/ea/tokens.csv"))
+        );
+        assert_eq!(
+            config.auth.policy_file.as_deref(),
+            Some(Path::new("/etc/ea/policy.yaml"))
+        );
+        let kubernetes = Sources::default()
+            .file(
+                "agent.yaml",
+                "auth:\n  kubernetes: true\n  audience: jobs\n",
+            )
+            .resolve()
+            .unwrap();
+        assert!(kubernetes.auth.enabled() && kubernetes.auth.kubernetes);
+        assert_eq!(kubernetes.auth.audience, "jobs");
+        for (key, value) in [
+            ("EA_AUTH_POLICY_FILE", "/etc/ea/policy.yaml"),
+            ("EA_AUTH_METRICS", "true"),
+        ] {
+            let err = Sources::default()
+                .environment(env(&[(key, value)]))
+                .resolve()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!(
+                    "invalid configuration: {key}={value:?} (from the environment): "
+                )) && err.contains("set EA_AUTH_TOKENS_FILE or EA_AUTH_KUBERNETES=true"),
+                "{err}"
+            );
+        }
+        let err = Sources::default()
+            .environment(env(&[("EA_AUTH_AUDIENCE", "")]))
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("EA_AUTH_AUDIENCE"), "{err}");
     }
 
     #[test]

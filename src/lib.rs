@@ -7,6 +7,7 @@
 //! * [`store`] — lease stores, which apply those rules atomically and announce changes;
 //! * [`election`] — the service every adapter calls: validation, metrics, Observe streams;
 //! * [`discovery`] — Kubernetes watch caches behind `GetPods`;
+//! * [`auth`] — who may call the API: bearer tokens, the authorization policy;
 //! * [`grpc`], [`http`] — thin adapters for the wire protocols;
 //! * [`config`], [`metrics`], [`server`] — configuration, Prometheus metrics, process wiring;
 //! * [`client`], [`bench`] — the command-line gRPC client and the load generator.
@@ -14,6 +15,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod bench;
 pub mod client;
 pub mod config;
