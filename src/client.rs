@@ -21,6 +21,9 @@ pub struct ClientArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub address: String,
+    /// A bearer token sent with every call, for an agent with authentication on.
+    #[arg(long, env = "EA_CLIENT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// The election kind (empty means "default").
     #[arg(long, global = true, default_value = "")]
     pub kind: String,
@@ -114,6 +117,9 @@ pub enum ClientError {
         /// Why.
         source: tonic::transport::Error,
     },
+    /// The token cannot be sent as metadata.
+    #[error("the token must be printable ASCII")]
+    Token,
     /// The agent answered with an error.
     #[error("{:?}: {}", .0.code(), .0.message())]
     Rpc(#[from] tonic::Status),
@@ -121,12 +127,30 @@ pub enum ClientError {
 
 /// Runs one client command, printing to stdout.
 pub async fn run(args: ClientArgs) -> Result<(), ClientError> {
-    let mut client = ElectionClient::connect(args.address.clone())
-        .await
-        .map_err(|source| ClientError::Connect {
-            address: args.address.clone(),
-            source,
-        })?;
+    let authorization: Option<tonic::metadata::AsciiMetadataValue> = args
+        .token
+        .as_deref()
+        .map(|token| format!("Bearer {token}").parse())
+        .transpose()
+        .map_err(|_| ClientError::Token)?;
+    let connect = async {
+        tonic::transport::Endpoint::from_shared(args.address.clone())?
+            .connect()
+            .await
+    };
+    let channel = connect.await.map_err(|source| ClientError::Connect {
+        address: args.address.clone(),
+        source,
+    })?;
+    let mut client =
+        ElectionClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+            if let Some(authorization) = &authorization {
+                request
+                    .metadata_mut()
+                    .insert("authorization", authorization.clone());
+            }
+            Ok(request)
+        });
     let kind = args.kind;
     let output = match args.command {
         ClientCommand::Campaign {

@@ -1,6 +1,7 @@
 //! The gRPC adapter: the `Election` service of the wire contract over [`ElectionService`].
 //!
-//! Handlers only translate messages; [`status`] is the one place where errors become gRPC codes.
+//! Handlers only check that the caller may act ([`Caller::authorize`]) and translate messages;
+//! [`status`] is the one place where service errors become gRPC codes.
 
 use std::pin::Pin;
 
@@ -8,6 +9,7 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    auth::{Caller, Target, Verb},
     discovery::{
         DiscoveryError,
         mapping::{PodInfo, PodStatusInfo, ReplicaSetInfo},
@@ -149,13 +151,29 @@ fn event_message(event: LeaderEvent) -> pb::LeaderEvent {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::LeaderEvent, Status>> + Send>>;
 
+/// The request's message, once its caller (see [`crate::auth`]) may `verb` on the `target`
+/// the message names.
+fn authorized<T>(
+    request: Request<T>,
+    verb: Verb,
+    target: fn(&T) -> Target<'_>,
+) -> Result<T, Status> {
+    let (_, extensions, message) = request.into_parts();
+    Caller::of(&extensions)
+        .authorize(verb, target(&message))
+        .map_err(|err| err.grpc_status())?;
+    Ok(message)
+}
+
 #[tonic::async_trait]
 impl pb::election_server::Election for ElectionGrpc {
     async fn campaign(
         &self,
         request: Request<pb::CampaignRequest>,
     ) -> Result<Response<pb::CampaignResult>, Status> {
-        let r = request.into_inner();
+        let r = authorized(request, Verb::Campaign, |r| {
+            Target::election(&r.kind, &r.election)
+        })?;
         let result = self
             .service
             .campaign(&r.kind, &r.election, &r.candidate, r.term.into())
@@ -173,7 +191,9 @@ impl pb::election_server::Election for ElectionGrpc {
         &self,
         request: Request<pb::ExtendElectedTermRequest>,
     ) -> Result<Response<pb::BoolValue>, Status> {
-        let r = request.into_inner();
+        let r = authorized(request, Verb::Extend, |r| {
+            Target::election(&r.kind, &r.election)
+        })?;
         let token = self
             .service
             .extend(
@@ -196,7 +216,9 @@ impl pb::election_server::Election for ElectionGrpc {
         &self,
         request: Request<pb::ResignRequest>,
     ) -> Result<Response<pb::BoolValue>, Status> {
-        let r = request.into_inner();
+        let r = authorized(request, Verb::Resign, |r| {
+            Target::election(&r.kind, &r.election)
+        })?;
         self.service
             .resign(&r.kind, &r.election, &r.leader)
             .await
@@ -211,7 +233,9 @@ impl pb::election_server::Election for ElectionGrpc {
         &self,
         request: Request<pb::HandoverRequest>,
     ) -> Result<Response<pb::BoolValue>, Status> {
-        let r = request.into_inner();
+        let r = authorized(request, Verb::Handover, |r| {
+            Target::election(&r.kind, &r.election)
+        })?;
         let token = self
             .service
             .handover(&r.kind, &r.election, &r.leader, r.term.into())
@@ -227,7 +251,9 @@ impl pb::election_server::Election for ElectionGrpc {
         &self,
         request: Request<pb::GetLeaderRequest>,
     ) -> Result<Response<pb::StringValue>, Status> {
-        let r = request.into_inner();
+        let r = authorized(request, Verb::Get, |r| {
+            Target::election(&r.kind, &r.election)
+        })?;
         let info = self
             .service
             .leader(&r.kind, &r.election)
@@ -243,7 +269,7 @@ impl pb::election_server::Election for ElectionGrpc {
         &self,
         request: Request<pb::ListLeadersRequest>,
     ) -> Result<Response<pb::Leaders>, Status> {
-        let r = request.into_inner();
+        let r = authorized(request, Verb::List, |r| Target::kind(&r.kind))?;
         let (_, leaders) = self.service.leaders(&r.kind).await.map_err(status)?;
         Ok(Response::new(pb::Leaders {
             leaders: leaders
@@ -261,7 +287,7 @@ impl pb::election_server::Election for ElectionGrpc {
         &self,
         request: Request<pb::GetPodsRequest>,
     ) -> Result<Response<pb::Pods>, Status> {
-        let r = request.into_inner();
+        let r = authorized(request, Verb::Get, |r| Target::pods(&r.namespace))?;
         let pods = self
             .service
             .pods(&r.namespace, &r.deployment, &r.pod_name)
@@ -278,7 +304,9 @@ impl pb::election_server::Election for ElectionGrpc {
         &self,
         request: Request<pb::ObserveRequest>,
     ) -> Result<Response<Self::ObserveStream>, Status> {
-        let r = request.into_inner();
+        let r = authorized(request, Verb::Watch, |r| {
+            Target::election(&r.kind, &r.election)
+        })?;
         let events = self
             .service
             .observe(&r.kind, &r.election)

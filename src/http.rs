@@ -5,6 +5,7 @@
 //! and method from the handler's `#[utoipa::path]` attribute: the served document and the router
 //! are built from the same declaration and cannot drift. Every error leaves as
 //! `{"message": "..."}`; [`ApiError::from`] for [`ElectionError`] is the one mapping to HTTP status.
+//! Each election route first asks whether its caller may act ([`Caller::authorize`]).
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -24,6 +25,7 @@ use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
+    auth::{AuthError, Caller, Target, Verb},
     discovery::{DiscoveryError, mapping::PodInfo},
     election::{ElectionError, ElectionService, EventKind, LeaderEvent},
 };
@@ -137,6 +139,15 @@ impl From<ElectionError> for ApiError {
         };
         Self {
             status,
+            message: err.to_string(),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(err: AuthError) -> Self {
+        Self {
+            status: err.http_status(),
             message: err.to_string(),
         }
     }
@@ -340,8 +351,10 @@ pub struct StatusBody {
     ))]
 async fn get_leader(
     State(state): State<HttpState>,
+    caller: Caller,
     Path((kind, name)): Path<(String, String)>,
 ) -> Result<Json<LeaderBody>, ApiError> {
+    caller.authorize(Verb::Get, Target::election(&kind, &name))?;
     let info = state.service.leader(&kind, &name).await?;
     Ok(Json(LeaderBody {
         leader: info.leader.to_string(),
@@ -361,9 +374,11 @@ async fn get_leader(
     ))]
 async fn campaign(
     State(state): State<HttpState>,
+    caller: Caller,
     Path((kind, name)): Path<(String, String)>,
     Json(body): Json<CampaignBody>,
 ) -> Result<Json<CampaignResponse>, ApiError> {
+    caller.authorize(Verb::Campaign, Target::election(&kind, &name))?;
     let result = state
         .service
         .campaign(&kind, &name, &body.candidate, body.term)
@@ -390,9 +405,11 @@ async fn campaign(
     ))]
 async fn extend(
     State(state): State<HttpState>,
+    caller: Caller,
     Path((kind, name)): Path<(String, String)>,
     Json(body): Json<ExtendBody>,
 ) -> Result<Json<ValueBody>, ApiError> {
+    caller.authorize(Verb::Extend, Target::election(&kind, &name))?;
     let token = state
         .service
         .extend(
@@ -422,9 +439,11 @@ async fn extend(
     ))]
 async fn handover(
     State(state): State<HttpState>,
+    caller: Caller,
     Path((kind, name)): Path<(String, String)>,
     Json(body): Json<HandoverBody>,
 ) -> Result<Json<ValueBody>, ApiError> {
+    caller.authorize(Verb::Handover, Target::election(&kind, &name))?;
     let token = state
         .service
         .handover(&kind, &name, &body.leader, body.term)
@@ -448,9 +467,11 @@ async fn handover(
     ))]
 async fn resign(
     State(state): State<HttpState>,
+    caller: Caller,
     Path((kind, name)): Path<(String, String)>,
     Json(body): Json<ResignBody>,
 ) -> Result<Json<ValueBody>, ApiError> {
+    caller.authorize(Verb::Resign, Target::election(&kind, &name))?;
     state.service.resign(&kind, &name, &body.leader).await?;
     Ok(Json(ValueBody {
         value: true,
@@ -467,8 +488,10 @@ async fn resign(
     ))]
 async fn list_leaders(
     State(state): State<HttpState>,
+    caller: Caller,
     Path(kind): Path<String>,
 ) -> Result<Json<LeadersBody>, ApiError> {
+    caller.authorize(Verb::List, Target::kind(&kind))?;
     let (kind, leaders) = state.service.leaders(&kind).await?;
     Ok(Json(LeadersBody {
         kind: kind.to_string(),
@@ -519,8 +542,10 @@ fn watch_event(event: LeaderEvent) -> sse::Event {
     ))]
 async fn watch(
     State(state): State<HttpState>,
+    caller: Caller,
     Path((kind, name)): Path<(String, String)>,
 ) -> Result<sse::Sse<impl Stream<Item = Result<sse::Event, Infallible>>>, ApiError> {
+    caller.authorize(Verb::Watch, Target::election(&kind, &name))?;
     let events = state.service.observe(&kind, &name).await?;
     let events = events.map(|event| Ok(watch_event(event)));
     Ok(sse::Sse::new(events).keep_alive(sse::KeepAlive::default()))
@@ -544,8 +569,10 @@ pub struct PodsBody {
     ))]
 async fn pods(
     State(state): State<HttpState>,
+    caller: Caller,
     Path((namespace, deployment)): Path<(String, String)>,
 ) -> Result<Json<PodsBody>, ApiError> {
+    caller.authorize(Verb::Get, Target::pods(&namespace))?;
     let items = state.service.pods(&namespace, &deployment, "").await?;
     Ok(Json(PodsBody { items }))
 }
@@ -561,8 +588,10 @@ async fn pods(
     ))]
 async fn pods_of_pod(
     State(state): State<HttpState>,
+    caller: Caller,
     Path((namespace, pod)): Path<(String, String)>,
 ) -> Result<Json<PodsBody>, ApiError> {
+    caller.authorize(Verb::Get, Target::pods(&namespace))?;
     let items = state.service.pods(&namespace, "", &pod).await?;
     Ok(Json(PodsBody { items }))
 }

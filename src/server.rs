@@ -21,6 +21,7 @@ use tonic_health::{
 };
 
 use crate::{
+    auth::{self, AuthLayer, Authentication},
     config::{Config, StoreMode},
     discovery::{Discovery, DiscoveryError},
     election::{ElectionError, ElectionService},
@@ -81,6 +82,9 @@ pub enum ServerError {
     /// Kubernetes discovery could not start.
     #[error(transparent)]
     Discovery(#[from] DiscoveryError),
+    /// Authentication could not be set up (a tokens or policy file).
+    #[error(transparent)]
+    Auth(#[from] auth::LoadError),
     /// A server failed while serving.
     #[error("{what} server failed: {message}")]
     Serve {
@@ -139,7 +143,13 @@ fn controller_identity(name: &str) -> Name {
 /// `EA_KUBE_ENABLE`, it connects to Kubernetes and starts watching first.
 pub async fn start(config: &Config) -> Result<RunningAgent, ServerError> {
     if !config.kube_enabled {
-        return start_with(config, None, None).await;
+        // TokenReviews need the API server, even without the Kubernetes features.
+        let reviews = if config.auth.kubernetes {
+            Some(Discovery::connect(config.kube_in_cluster).await?)
+        } else {
+            None
+        };
+        return start_with(config, None, None, reviews).await;
     }
     let client = Discovery::connect(config.kube_in_cluster).await?;
     start_with_kubernetes(config, client).await
@@ -153,8 +163,9 @@ pub async fn start_with_kubernetes(
     client: kube::Client,
 ) -> Result<RunningAgent, ServerError> {
     let discovery = Discovery::start(&client, &config.kube_namespaces);
+    let reviews = config.auth.kubernetes.then(|| client.clone());
     let controller = config.controller_enabled.then_some(client);
-    start_with(config, Some(discovery), controller).await
+    start_with(config, Some(discovery), controller, reviews).await
 }
 
 /// Starts the agent over the given discovery instead of connecting to Kubernetes as
@@ -163,14 +174,16 @@ pub async fn start_with_discovery(
     config: &Config,
     discovery: Discovery,
 ) -> Result<RunningAgent, ServerError> {
-    start_with(config, Some(discovery), None).await
+    start_with(config, Some(discovery), None, None).await
 }
 
-/// Starts the agent; with `controller`, also the Election controller (through that client).
+/// Starts the agent; with `controller`, also the Election controller (through that client);
+/// `reviews` is the client bearer tokens are reviewed through (`EA_AUTH_KUBERNETES`).
 async fn start_with(
     config: &Config,
     discovery: Option<Discovery>,
     controller: Option<kube::Client>,
+    reviews: Option<kube::Client>,
 ) -> Result<RunningAgent, ServerError> {
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new(
@@ -179,6 +192,8 @@ async fn start_with(
     )?);
     let store = store(config, &metrics)?;
     let service = ElectionService::new(store, discovery, config.terms, metrics, shutdown.clone());
+    let authentication =
+        Authentication::load(&config.auth, reviews, service.metrics().registry())?.map(Arc::new);
     let (reporter, _) = tonic_health::server::health_reporter();
     let health_service = HealthServer::new(DrainingHealth {
         inner: HealthService::from_health_reporter(reporter.clone()),
@@ -239,6 +254,7 @@ async fn start_with(
             message: err.to_string(),
         };
         let router = tonic::transport::Server::builder()
+            .layer(AuthLayer::grpc(authentication.clone()))
             .add_service(health_service)
             .add_service(reflection().build_v1().map_err(reflection_error)?)
             .add_service(reflection().build_v1alpha().map_err(reflection_error)?)
@@ -269,7 +285,8 @@ async fn start_with(
         )
         .await?;
         let address = local_address("HTTP", &listener)?;
-        let router = http::router(service.clone(), config.metrics_enabled);
+        let router = http::router(service.clone(), config.metrics_enabled)
+            .layer(AuthLayer::http(authentication));
         let stop = shutdown.clone();
         servers.spawn(async move {
             axum::serve(listener.tap_io(|stream| no_delay(stream)), router)
