@@ -60,6 +60,18 @@ fn the_values_schema_refuses_bad_values_naming_them() {
             "redis.demo.enabled=true,redis.urls={redis://redis:6379}",
             "redis.urls",
         ),
+        // A policy, or protected metrics, without a way to authenticate.
+        (
+            "auth.policy.existingConfigMap=rules",
+            "auth.tokens.existingSecret",
+        ),
+        ("auth.protectMetrics=true", "auth.tokens.existingSecret"),
+        (
+            "auth.kubernetes.enabled=true,auth.policy.existingConfigMap=a,auth.policy.existingSecret=b",
+            "auth.policy.existingSecret",
+        ),
+        ("auth.kubernetes.audience=", "auth.kubernetes.audience"),
+        ("auth.tokens.key=../tokens", "auth.tokens.key"),
     ] {
         let (ok, printed) = helm(&["template", "x", CHART, "--set", value]);
         assert!(!ok, "{value} was accepted");
@@ -128,4 +140,91 @@ fn the_demo_redis_is_the_agents_store_and_not_one_of_its_pods() {
     ));
     let security = &redis["spec"]["template"]["spec"]["containers"][0]["securityContext"];
     assert_eq!(security["readOnlyRootFilesystem"], true);
+}
+
+/// `auth.*`: the tokens Secret and the policy ConfigMap are mounted read-only where the
+/// `EA_AUTH_*` variables point, Kubernetes tokens bring the TokenReview grant — and with the
+/// default values there is none of it (authentication off, as with the Go service).
+#[test]
+fn auth_values_mount_the_files_the_variables_name() {
+    let agent = |objects: &[serde_json::Value]| {
+        objects
+            .iter()
+            .find(|o| o["kind"] == "Deployment" && o["metadata"]["name"] == "election-agent")
+            .expect("the agent's Deployment")
+            .clone()
+    };
+    let variable = |agent: &serde_json::Value, name: &str| {
+        agent["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .map(|v| v["value"].as_str().unwrap().to_owned())
+    };
+
+    let defaults = tools::documents(&rendered_with_defaults());
+    let plain = agent(&defaults);
+    assert!(
+        plain["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| !v["name"].as_str().unwrap().starts_with("EA_AUTH_")),
+        "no EA_AUTH_* by default"
+    );
+    assert!(plain["spec"]["template"]["spec"]["volumes"].is_null());
+    assert!(!defaults.iter().any(|o| {
+        o["metadata"]["name"]
+            .as_str()
+            .is_some_and(|n| n.ends_with("token-review"))
+    }));
+
+    let objects = tools::documents(&tools::template(&[
+        "--set",
+        "auth.tokens.existingSecret=ea-tokens,auth.policy.existingConfigMap=ea-policy,\
+         auth.kubernetes.enabled=true,auth.kubernetes.audience=jobs",
+    ]));
+    let agent = agent(&objects);
+    let pod = &agent["spec"]["template"]["spec"];
+    assert_eq!(
+        variable(&agent, "EA_AUTH_KUBERNETES").as_deref(),
+        Some("true")
+    );
+    assert_eq!(
+        variable(&agent, "EA_AUTH_AUDIENCE").as_deref(),
+        Some("jobs")
+    );
+    for (file, source) in [
+        ("EA_AUTH_TOKENS_FILE", ("secret", "secretName", "ea-tokens")),
+        ("EA_AUTH_POLICY_FILE", ("configMap", "name", "ea-policy")),
+    ] {
+        let path = variable(&agent, file).unwrap_or_else(|| panic!("{file} set"));
+        let (directory, _) = path.rsplit_once('/').unwrap();
+        let mount = pod["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"] == directory)
+            .unwrap_or_else(|| panic!("{directory} ({file}) is mounted"));
+        assert_eq!(mount["readOnly"], true);
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap();
+        let (kind, field, name) = source;
+        assert_eq!(volume[kind][field], name, "{file}");
+    }
+    let review = objects
+        .iter()
+        .find(|o| {
+            o["kind"] == "ClusterRole" && o["metadata"]["name"] == "election-agent-token-review"
+        })
+        .expect("the TokenReview grant");
+    assert_eq!(
+        review["rules"],
+        serde_json::json!([{"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}])
+    );
 }

@@ -319,6 +319,17 @@ async fn record(
     namespaces: &[&str],
     done: impl Fn(&[String]) -> bool,
 ) -> BTreeSet<Access> {
+    record_with_token(settings, namespaces, None, done).await
+}
+
+/// [`record`], with a client that sends a request with `bearer` as its token once the agent
+/// runs (the fake API server does not authenticate it: the call is what counts).
+async fn record_with_token(
+    settings: &[(&'static str, &str)],
+    namespaces: &[&str],
+    bearer: Option<&str>,
+    done: impl Fn(&[String]) -> bool,
+) -> BTreeSet<Access> {
     let objects = Arc::new(namespaces.iter().flat_map(|ns| fixture(ns)).collect());
     let recording = Shared::default();
     let service = {
@@ -341,6 +352,19 @@ async fn record(
     let agent = server::start_with_kubernetes(&config, client)
         .await
         .expect("agent starts");
+    if let Some(token) = bearer {
+        let address = agent.http_address.expect("HTTP enabled");
+        let request = format!(
+            "GET /election/default/x HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {token}\r\n\
+             Connection: close\r\n\r\n"
+        );
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let _ = stream.read_to_end(&mut Vec::new()).await;
+        });
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let requests = recording.lock().unwrap().requests.clone();
@@ -503,6 +527,36 @@ async fn without_the_controller_the_rules_grant_exactly_what_discovery_calls() {
     compare(&chart_rules(&["controller.enabled=false"]), &calls).unwrap();
 }
 
+/// With `auth.kubernetes`, the agent reviews bearer tokens: `create` on the cluster-scoped
+/// tokenreviews, granted by a ClusterRole of its own even where the rest are namespaced Roles.
+#[tokio::test]
+async fn reviewing_kubernetes_tokens_adds_exactly_a_cluster_wide_token_review_grant() {
+    const NAMESPACES: &[&str] = &["shop"];
+    let ran_through = controller_ran_through(NAMESPACES);
+    let calls = record_with_token(
+        &[
+            ("EA_KUBE_NAMESPACES", "shop"),
+            ("EA_AUTH_KUBERNETES", "true"),
+        ],
+        NAMESPACES,
+        Some("a-service-account-token"),
+        |requests| ran_through(requests) && requests.iter().any(|r| r.contains("/tokenreviews")),
+    )
+    .await;
+    let review = Access {
+        namespace: None,
+        group: "authentication.k8s.io".into(),
+        resource: "tokenreviews".into(),
+        verb: "create".into(),
+    };
+    assert!(calls.contains(&review), "{calls:?}");
+    let granted = chart_rules(&["watchNamespaces={shop}", "auth.kubernetes.enabled=true"]);
+    compare(&granted, &calls).unwrap();
+    let mut without = granted.clone();
+    without.remove(&review);
+    assert!(compare(&without, &calls).is_err());
+}
+
 #[tokio::test]
 async fn a_verb_taken_out_of_the_chart_or_put_in_fails_the_comparison() {
     const NAMESPACES: &[&str] = &["shop"];
@@ -523,6 +577,8 @@ async fn a_verb_taken_out_of_the_chart_or_put_in_fails_the_comparison() {
         ("", "pods", "delete"),
         ("apps", "deployments", "patch"),
         ("election-agent.io", "elections", "get"),
+        // Only with auth.kubernetes.
+        ("authentication.k8s.io", "tokenreviews", "create"),
     ] {
         let put_in = Access {
             namespace: None,

@@ -95,6 +95,24 @@ Kept in one place so that the e2e test can run the agent out of cluster with exa
   value: {{ .Values.lease.retention | quote }}
 - name: EA_SHUTDOWN_TIMEOUT
   value: {{ .Values.shutdownTimeout | quote }}
+{{- if .Values.auth.tokens.existingSecret }}
+- name: EA_AUTH_TOKENS_FILE
+  value: {{ printf "/etc/election-agent/tokens/%s" .Values.auth.tokens.key | quote }}
+{{- end }}
+{{- if .Values.auth.kubernetes.enabled }}
+- name: EA_AUTH_KUBERNETES
+  value: "true"
+- name: EA_AUTH_AUDIENCE
+  value: {{ .Values.auth.kubernetes.audience | quote }}
+{{- end }}
+{{- if or .Values.auth.policy.existingConfigMap .Values.auth.policy.existingSecret }}
+- name: EA_AUTH_POLICY_FILE
+  value: {{ printf "/etc/election-agent/policy/%s" .Values.auth.policy.key | quote }}
+{{- end }}
+{{- if .Values.auth.protectMetrics }}
+- name: EA_AUTH_METRICS
+  value: "true"
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -119,4 +137,35 @@ single
 {{- else -}}
 {{- .Values.replicaCount -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The files authentication reads: the tokens Secret and the policy ConfigMap or Secret. */}}
+{{- define "election-agent.authVolumes" -}}
+{{- with .Values.auth.tokens.existingSecret }}
+- name: auth-tokens
+  secret:
+    secretName: {{ . }}
+{{- end }}
+{{- if .Values.auth.policy.existingConfigMap }}
+- name: auth-policy
+  configMap:
+    name: {{ .Values.auth.policy.existingConfigMap }}
+{{- else if .Values.auth.policy.existingSecret }}
+- name: auth-policy
+  secret:
+    secretName: {{ .Values.auth.policy.existingSecret }}
+{{- end }}
+{{- end -}}
+
+{{- define "election-agent.authVolumeMounts" -}}
+{{- if .Values.auth.tokens.existingSecret }}
+- name: auth-tokens
+  mountPath: /etc/election-agent/tokens
+  readOnly: true
+{{- end }}
+{{- if or .Values.auth.policy.existingConfigMap .Values.auth.policy.existingSecret }}
+- name: auth-policy
+  mountPath: /etc/election-agent/policy
+  readOnly: true
+{{- end }}
 {{- end -}}
