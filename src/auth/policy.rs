@@ -368,6 +368,29 @@ rules:
         }
     }
 
+    /// `config/policy.yaml` is valid, means what its comments say, and is the README's example.
+    #[test]
+    fn the_example_policy_is_valid_and_shown_in_the_readme() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(root.join("config/policy.yaml")).unwrap();
+        let policy = Policy::parse(&text).unwrap();
+        let runner = identity("jobs-runner", &[]);
+        let shop = identity("system:serviceaccount:shop:web", &[]);
+        let ops = identity("alice", &["ops"]);
+        let nightly = Target::election("", "jobs-nightly");
+        assert!(policy.allows(&runner, Verb::Campaign, &nightly));
+        assert!(!policy.allows(&runner, Verb::Handover, &nightly));
+        assert!(policy.allows(&shop, Verb::Handover, &Target::election("shop", "db")));
+        assert!(!policy.allows(&shop, Verb::Get, &nightly));
+        assert!(policy.allows(&ops, Verb::Handover, &nightly));
+        assert!(policy.allows(&ops, Verb::Get, &Target::pods("anywhere")));
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        assert!(
+            readme.contains(&format!("```yaml\n{text}```")),
+            "README.md's policy example differs from config/policy.yaml"
+        );
+    }
+
     #[test]
     fn an_empty_rule_list_denies_everything() {
         let policy = Policy::parse("rules: []\n").unwrap();
