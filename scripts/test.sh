@@ -52,6 +52,9 @@ cargo clippy --all-targets --locked -- -D warnings
 step "cargo nextest run (unit, integration and binary tests)"
 cargo nextest run --locked --no-fail-fast
 
+# The REST API fuzzed from its own OpenAPI document (the agent nextest just built).
+scripts/schemathesis.sh
+
 # Last, so that a skip (no cluster configured) is the last thing printed.
 step "e2e tests (a real Kubernetes cluster from KUBECONFIG)"
 scripts/e2e.sh

@@ -160,6 +160,11 @@ impl ElectionService {
         }
     }
 
+    /// The terms a request may ask for.
+    pub fn term_bounds(&self) -> TermBounds {
+        self.inner.terms
+    }
+
     /// The process's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics

@@ -21,13 +21,17 @@ use axum::{
 };
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use utoipa::{OpenApi, ToSchema};
+use utoipa::{
+    OpenApi, PartialSchema, ToSchema,
+    openapi::{ObjectBuilder, RefOr, Schema, Type},
+};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     auth::{AuthError, Caller, Target, Verb},
     discovery::{DiscoveryError, mapping::PodInfo},
     election::{ElectionError, ElectionService, EventKind, LeaderEvent},
+    lease::TermBounds,
 };
 
 /// Largest request body accepted; larger ones get 413.
@@ -44,10 +48,13 @@ pub struct HttpState {
 /// The REST API, probes, metrics (when enabled) and the OpenAPI document over `service`.
 pub fn router(service: ElectionService, metrics_enabled: bool) -> Router {
     let (router, openapi) = api().split_for_parts();
+    let openapi = with_term_bounds(openapi, service.term_bounds());
     let state = HttpState {
         service,
         metrics_enabled,
-        openapi: openapi.to_pretty_json().unwrap_or_default().into(),
+        openapi: serde_json::to_string_pretty(&openapi)
+            .unwrap_or_default()
+            .into(),
     };
     router
         .fallback(not_found)
@@ -56,9 +63,23 @@ pub fn router(service: ElectionService, metrics_enabled: bool) -> Router {
         .with_state(state)
 }
 
-/// The OpenAPI 3 document of [`router`].
+/// The OpenAPI 3 document of [`router`], with the default term bounds.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     api().into_openapi()
+}
+
+/// The document as an agent with `bounds` (`EA_LEASE_MIN_TERM`, `EA_LEASE_MAX_TERM`) serves it:
+/// the terms it accepts are the ones its bodies' schemas state.
+fn with_term_bounds(openapi: utoipa::openapi::OpenApi, bounds: TermBounds) -> serde_json::Value {
+    let mut document = serde_json::to_value(openapi).unwrap_or_default();
+    for body in ["CampaignBody", "ExtendBody", "HandoverBody"] {
+        let term = &mut document["components"]["schemas"][body]["properties"]["term"];
+        if term.is_object() {
+            term["minimum"] = bounds.min.as_millis().into();
+            term["maximum"] = bounds.max.as_millis().into();
+        }
+    }
+    document
 }
 
 #[derive(OpenApi)]
@@ -220,6 +241,30 @@ impl<T: Serialize> IntoResponse for Json<T> {
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 struct Path<T>(T);
 
+/// An integer field of a request body. JSON has one number type and JSON Schema's `integer`
+/// includes `60000.0`: a number with no fractional part is that integer; `1.5`, or one beyond
+/// the range of an i64, is refused (400 naming the field).
+fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Number {
+        Integer(i64),
+        Float(f64),
+    }
+    match Number::deserialize(deserializer)? {
+        Number::Integer(value) => Ok(value),
+        // i64::MAX as f64 rounds up to 2^63, which is out of range: hence `<`.
+        Number::Float(value)
+            if value.fract() == 0.0 && value >= i64::MIN as f64 && value < i64::MAX as f64 =>
+        {
+            Ok(value as i64)
+        }
+        Number::Float(value) => Err(serde::de::Error::custom(format!(
+            "{value} is not a whole number of the range of a 64-bit integer"
+        ))),
+    }
+}
+
 /// `GET /election/{kind}/{name}`: the leader.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct LeaderBody {
@@ -233,8 +278,11 @@ pub struct LeaderBody {
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct CampaignBody {
     /// Who campaigns.
+    #[schema(min_length = 1, max_length = 253, pattern = "^[A-Za-z0-9._:/@-]+$")]
     candidate: String,
     /// Term in milliseconds.
+    #[schema(minimum = 1000, maximum = 86400000)]
+    #[serde(deserialize_with = "whole_number")]
     term: i64,
 }
 
@@ -255,14 +303,21 @@ pub struct CampaignResponse {
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct ExtendBody {
     /// The current leader.
+    #[schema(min_length = 1, max_length = 253, pattern = "^[A-Za-z0-9._:/@-]+$")]
     leader: String,
     /// Term in milliseconds.
+    #[schema(minimum = 1000, maximum = 86400000)]
+    #[serde(deserialize_with = "whole_number")]
     term: i64,
     /// Retries while the store is unavailable (0..10).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 10)]
+    #[serde(deserialize_with = "whole_number")]
     retries: i64,
     /// Milliseconds between retries (0..1000).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1000)]
+    #[serde(deserialize_with = "whole_number")]
     retry_interval: i64,
 }
 
@@ -270,8 +325,11 @@ pub struct ExtendBody {
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct HandoverBody {
     /// The NEW leader.
+    #[schema(min_length = 1, max_length = 253, pattern = "^[A-Za-z0-9._:/@-]+$")]
     leader: String,
     /// Term in milliseconds.
+    #[schema(minimum = 1000, maximum = 86400000)]
+    #[serde(deserialize_with = "whole_number")]
     term: i64,
 }
 
@@ -279,6 +337,7 @@ pub struct HandoverBody {
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct ResignBody {
     /// The current leader.
+    #[schema(min_length = 1, max_length = 253, pattern = "^[A-Za-z0-9._:/@-]+$")]
     leader: String,
 }
 
@@ -331,6 +390,49 @@ pub struct WatchEvent {
     version: u64,
 }
 
+/// One event of a watch stream as `text/event-stream` carries it (how OpenAPI 3.2 and its tools
+/// describe a stream): `event` says what happened, `id` is the event's `version`, and `data` is a
+/// [`WatchEvent`] as JSON.
+pub struct WatchStreamEvent;
+
+impl utoipa::PartialSchema for WatchStreamEvent {
+    fn schema() -> RefOr<Schema> {
+        let string = || ObjectBuilder::new().schema_type(Type::String);
+        ObjectBuilder::new()
+            .description(Some(
+                "One Server-Sent Event of a watch stream: `event` says what happened, `id` is its \
+                 `version`, `data` is a WatchEvent (#/components/schemas/WatchEvent) as JSON.",
+            ))
+            .property(
+                "event",
+                string().enum_values(Some([
+                    "current",
+                    "elected",
+                    "handed_over",
+                    "resigned",
+                    "expired",
+                ])),
+            )
+            .required("event")
+            .property("id", string().pattern(Some("^[0-9]+$")))
+            .required("id")
+            .property(
+                "data",
+                string()
+                    .content_media_type("application/json")
+                    .description(Some("A WatchEvent, as JSON")),
+            )
+            .required("data")
+            .into()
+    }
+}
+
+impl ToSchema for WatchStreamEvent {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        schemas.push((WatchEvent::name().into(), WatchEvent::schema()));
+    }
+}
+
 /// Probe result.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct StatusBody {
@@ -342,7 +444,7 @@ pub struct StatusBody {
 }
 
 #[utoipa::path(get, path = "/election/{kind}/{name}", tag = "election",
-    params(("kind" = String, Path, description = "Kind of the election"), ("name" = String, Path, description = "Election")),
+    params(("kind" = String, Path, description = "Kind of the election", pattern = "^[A-Za-z0-9._:/@-]+$", max_length = 253), ("name" = String, Path, description = "Election", pattern = "^[A-Za-z0-9._:/@-]+$", max_length = 253)),
     responses(
         (status = 200, description = "The live leader", body = LeaderBody),
         (status = 400, description = "Invalid kind or name", body = ErrorBody),
@@ -363,7 +465,7 @@ async fn get_leader(
 }
 
 #[utoipa::path(post, path = "/election/{kind}/{name}", tag = "election",
-    params(("kind" = String, Path, description = "Kind of the election"), ("name" = String, Path, description = "Election")),
+    params(("kind" = String, Path, description = "Kind of the election", pattern = "^[A-Za-z0-9._:/@-]+$", max_length = 253), ("name" = String, Path, description = "Election", pattern = "^[A-Za-z0-9._:/@-]+$", max_length = 253)),
     request_body = CampaignBody,
     responses(
         (status = 200, description = "Campaign done; `elected` says whether it was won", body = CampaignResponse),
@@ -392,7 +494,7 @@ async fn campaign(
 }
 
 #[utoipa::path(patch, path = "/election/{kind}/{name}", tag = "election",
-    params(("kind" = String, Path, description = "Kind of the election"), ("name" = String, Path, description = "Election")),
+    params(("kind" = String, Path, description = "Kind of the election", pattern = "^[A-Za-z0-9._:/@-]+$", max_length = 253), ("name" = String, Path, description = "Election", pattern = "^[A-Za-z0-9._:/@-]+$", max_length = 253)),
     request_body = ExtendBody,
     responses(
         (status = 200, description = "Term extended", body = ValueBody),
@@ -428,7 +530,7 @@ async fn extend(
 }
 
 #[utoipa::path(put, path = "/election/{kind}/{name}", tag = "election",
-    params(("kind" = String, Path, description = "Kind of the election"), ("name" = String, Path, description = "Election")),
+    params(("kind" = String, Path, description = "Kind of the election", pattern = "^[A-Za-z0-9._:/@-]+$", max_length = 253), ("name" = String, Path, description = "Election", pattern = "^[A-Za-z0-9._:/@-]+$", max_length = 253)),
     request_body = HandoverBody,
     responses(
         (status = 200, description = "`leader` leads now, with a new fencing token", body = ValueBody),
@@ -455,7 +557,7 @@ async fn handover(
 }
 
 #[utoipa::path(delete, path = "/election/{kind}/{name}", tag = "election",
-    params(("kind" = String, Path, description = "Kind of the election"), ("name" = String, Path, description = "Election")),
+    params(("kind" = String, Path, description = "Kind of the election", pattern = "^[A-Za-z0-9._:/@-]+$", max_length = 253), ("name" = String, Path, description = "Election", pattern = "^[A-Za-z0-9._:/@-]+$", max_length = 253)),
     request_body = ResignBody,
     responses(
         (status = 200, description = "`leader` does not lead (any more)", body = ValueBody),
@@ -480,7 +582,7 @@ async fn resign(
 }
 
 #[utoipa::path(get, path = "/election/{kind}", tag = "election",
-    params(("kind" = String, Path, description = "Kind of the elections")),
+    params(("kind" = String, Path, description = "Kind of the elections", pattern = "^[A-Za-z0-9._:/@-]+$", max_length = 253)),
     responses(
         (status = 200, description = "Live leaders of the kind", body = LeadersBody),
         (status = 400, description = "Invalid kind", body = ErrorBody),
@@ -530,13 +632,13 @@ fn watch_event(event: LeaderEvent) -> sse::Event {
 }
 
 #[utoipa::path(get, path = "/election/{kind}/{name}/watch", tag = "election",
-    params(("kind" = String, Path, description = "Kind of the election"), ("name" = String, Path, description = "Election")),
+    params(("kind" = String, Path, description = "Kind of the election", pattern = "^[A-Za-z0-9._:/@-]+$", max_length = 253), ("name" = String, Path, description = "Election", pattern = "^[A-Za-z0-9._:/@-]+$", max_length = 253)),
     responses(
         (status = 200, description = "Server-Sent Events: the current leader at once, then every change \
             (elected, handed_over, resigned, expired), each with a strictly increasing `version` (also \
             the event `id`); a later `current` event is a resynchronisation after changes may have been \
             missed. While the store is unavailable the stream stays open and resynchronises once it is back",
-            content_type = "text/event-stream", body = WatchEvent),
+            content_type = "text/event-stream", body = WatchStreamEvent),
         (status = 400, description = "Invalid kind or name", body = ErrorBody),
         (status = 412, description = "Lease store unavailable", body = ErrorBody),
     ))]
@@ -559,7 +661,7 @@ pub struct PodsBody {
 }
 
 #[utoipa::path(get, path = "/kube/{namespace}/{deployment}/pods", tag = "kubernetes",
-    params(("namespace" = String, Path, description = "Namespace"), ("deployment" = String, Path, description = "Deployment")),
+    params(("namespace" = String, Path, description = "Namespace", pattern = "^[a-z0-9.-]+$", min_length = 1, max_length = 253), ("deployment" = String, Path, description = "Deployment", pattern = "^[a-z0-9.-]+$", min_length = 1, max_length = 253)),
     responses(
         (status = 200, description = "The Deployment's pods, from the watch caches", body = PodsBody),
         (status = 400, description = "Invalid namespace or Deployment name", body = ErrorBody),
@@ -578,7 +680,7 @@ async fn pods(
 }
 
 #[utoipa::path(get, path = "/kube/{namespace}/pod/{pod}/pods", tag = "kubernetes",
-    params(("namespace" = String, Path, description = "Namespace"), ("pod" = String, Path, description = "A pod of the Deployment")),
+    params(("namespace" = String, Path, description = "Namespace", pattern = "^[a-z0-9.-]+$", min_length = 1, max_length = 253), ("pod" = String, Path, description = "A pod of the Deployment", pattern = "^[a-z0-9.-]+$", min_length = 1, max_length = 253)),
     responses(
         (status = 200, description = "The pods of the Deployment owning `pod`, from the watch caches", body = PodsBody),
         (status = 400, description = "Invalid namespace or pod name", body = ErrorBody),

@@ -13,7 +13,7 @@ use axum::{
 use election_agent::{
     election::ElectionService,
     http,
-    lease::TermBounds,
+    lease::{Term, TermBounds},
     metrics::Metrics,
     store::{MemoryStore, Store},
 };
@@ -1214,6 +1214,101 @@ async fn served_openapi_document_equals_the_generated_one() {
     );
     if let Some(difference) = first_difference(&reply.json(), &generated_openapi(), "") {
         panic!("served /openapi.json != http::openapi() at {difference}");
+    }
+}
+
+/// The document states the rules the server enforces, so a client (or schemathesis) generating
+/// requests from it is never refused one it says is valid — including the term bounds this agent
+/// was configured with.
+#[tokio::test]
+async fn the_served_document_states_the_rules_the_server_enforces() {
+    let bounds = TermBounds {
+        min: Term::from_millis(2_000),
+        max: Term::from_millis(90_000),
+    };
+    let service = ElectionService::new(
+        Store::Memory(MemoryStore::new()),
+        None,
+        bounds,
+        Arc::new(Metrics::new("test", vec![0.1, 1.0]).unwrap()),
+        CancellationToken::new(),
+    );
+    let app = http::router(service, true);
+    let document = call(&app, Method::GET, "/openapi.json").await.json();
+    let schemas = &document["components"]["schemas"];
+    for body in ["CampaignBody", "ExtendBody", "HandoverBody"] {
+        let term = &schemas[body]["properties"]["term"];
+        assert_eq!(term["minimum"], 2_000, "{body}: {term}");
+        assert_eq!(term["maximum"], 90_000, "{body}: {term}");
+    }
+    let name = &schemas["CampaignBody"]["properties"]["candidate"];
+    assert_eq!(name["maxLength"], 253);
+    assert_eq!(name["minLength"], 1);
+    let retries = &schemas["ExtendBody"]["properties"]["retries"];
+    assert_eq!(
+        (&retries["minimum"], &retries["maximum"]),
+        (&json!(0), &json!(10))
+    );
+    // What the document allows is accepted; just outside is refused naming the field.
+    for (term, status) in [
+        (2_000, StatusCode::OK),
+        (90_000, StatusCode::OK),
+        (1_999, StatusCode::BAD_REQUEST),
+        (90_001, StatusCode::BAD_REQUEST),
+    ] {
+        let reply = call_json(
+            &app,
+            Method::POST,
+            &format!("/election/k/t{term}"),
+            json!({"candidate": "a-b.c_d:e/f@g", "term": term}),
+        )
+        .await;
+        assert_eq!(reply.status, status, "term {term}: {}", reply.text());
+    }
+}
+
+/// JSON has one number type, and the document's `integer` includes `60000.0`: a whole number
+/// is that integer; a fraction is refused naming the field.
+#[tokio::test]
+async fn a_whole_number_written_with_a_fraction_part_is_that_integer() {
+    let app = app();
+    let reply = call_raw(
+        &app,
+        Method::POST,
+        "/election/k/e",
+        Some("application/json"),
+        format!("{{\"candidate\": \"c\", \"term\": {TERM}.0}}"),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let reply = call_raw(
+        &app,
+        Method::PATCH,
+        "/election/k/e",
+        Some("application/json"),
+        format!(
+            "{{\"leader\": \"c\", \"term\": {TERM}, \"retries\": 1.0, \"retry_interval\": 0.0}}"
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    for body in [
+        format!("{{\"candidate\": \"c\", \"term\": {TERM}.5}}"),
+        "{\"candidate\": \"c\", \"term\": 1e300}".to_owned(),
+        "{\"candidate\": \"c\", \"term\": \"60000\"}".to_owned(),
+    ] {
+        let reply = call_raw(
+            &app,
+            Method::POST,
+            "/election/k/f",
+            Some("application/json"),
+            body.clone(),
+        )
+        .await;
+        assert!(
+            reply.error(StatusCode::BAD_REQUEST).contains("term"),
+            "{body}"
+        );
     }
 }
 
