@@ -493,6 +493,7 @@ impl Leases<'_> {
         let command = Command::Handover {
             leader: leader.clone(),
             term,
+            expected: Default::default(),
         };
         match self.store.execute(election, command).await? {
             Outcome::HandedOver { token } => Ok(token),

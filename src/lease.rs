@@ -340,13 +340,45 @@ pub enum Command {
         /// Who claims to lead.
         leader: Name,
     },
-    /// Make `leader` the leader, unconditionally (an operator's tool).
+    /// Make `leader` the leader — unconditionally (an operator's tool), or only if the lease it
+    /// replaces is the one `expected` names.
     Handover {
         /// The new leader.
         leader: Name,
         /// For how long.
         term: Term,
+        /// What the live lease must be for the handover to happen (nothing: unconditional).
+        expected: Expected,
     },
+}
+
+/// What a conditional handover requires of the live lease it replaces; refused otherwise (the
+/// outcome names the live holder, if any).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Expected {
+    /// The live lease's holder.
+    pub leader: Option<Name>,
+    /// The live lease's fencing token.
+    pub token: Option<FencingToken>,
+}
+
+impl Expected {
+    /// Whether the handover is conditional at all.
+    pub fn is_unconditional(&self) -> bool {
+        self.leader.is_none() && self.token.is_none()
+    }
+
+    /// Whether a record whose live lease is `live` (and token `token`) is what is expected.
+    fn met_by(&self, live: Option<&Lease>, token: FencingToken) -> bool {
+        let leader = self
+            .leader
+            .as_ref()
+            .is_none_or(|expected| live.is_some_and(|lease| lease.holder == *expected));
+        let token = self
+            .token
+            .is_none_or(|expected| live.is_some() && token == expected);
+        leader && token
+    }
 }
 
 /// What a command achieved.
@@ -371,7 +403,8 @@ pub enum Outcome {
         /// The new lease's fencing token.
         token: FencingToken,
     },
-    /// Extend by someone who does not hold the lease, or Resign while somebody else holds it.
+    /// Extend by someone who does not hold the lease, Resign while somebody else holds it, or a
+    /// conditional Handover whose expected lease is not the live one.
     NotHolder {
         /// The live leader, if there is one.
         holder: Option<Name>,
@@ -477,8 +510,13 @@ pub fn decide(record: &LeaseRecord, command: &Command, now: u64, floor: FencingT
                 change: None,
             },
         },
+        Command::Handover { expected, .. } if !expected.met_by(live, record.token) => {
+            Decision::unchanged(Outcome::NotHolder {
+                holder: live.map(|lease| lease.holder.clone()),
+            })
+        }
         // To the live holder itself, a handover is a renewal with a new token.
-        Command::Handover { leader, term } => {
+        Command::Handover { leader, term, .. } => {
             let token = record.token.next(floor);
             Decision::changed(
                 Outcome::HandedOver { token },
@@ -645,6 +683,73 @@ mod tests {
     }
 
     #[test]
+    fn a_conditional_handover_happens_only_over_the_expected_lease() {
+        let name = |n: &str| Name::parse("leader", n).unwrap();
+        let term = Term::from_millis(1_000);
+        let record = LeaseRecord {
+            token: FencingToken(7),
+            lease: Some(Lease {
+                holder: name("a"),
+                expires_at: 2_000,
+            }),
+        };
+        let handover = |leader: Option<&str>, token: Option<u64>| Command::Handover {
+            leader: name("b"),
+            term,
+            expected: Expected {
+                leader: leader.map(name),
+                token: token.map(FencingToken),
+            },
+        };
+        let refused_naming = |holder: Option<&str>| {
+            Decision::unchanged(Outcome::NotHolder {
+                holder: holder.map(name),
+            })
+        };
+        // Met: a live lease of a, token 7.
+        for expected in [
+            handover(Some("a"), None),
+            handover(None, Some(7)),
+            handover(Some("a"), Some(7)),
+        ] {
+            let decision = decide(&record, &expected, 1_000, FencingToken(0));
+            assert_eq!(
+                decision.outcome,
+                Outcome::HandedOver {
+                    token: FencingToken(8)
+                }
+            );
+        }
+        // Not met: another holder, another token.
+        for expected in [
+            handover(Some("c"), None),
+            handover(None, Some(6)),
+            handover(Some("a"), Some(8)),
+        ] {
+            assert_eq!(
+                decide(&record, &expected, 1_000, FencingToken(0)),
+                refused_naming(Some("a"))
+            );
+        }
+        // Not met: a's lease has expired, nobody leads.
+        assert_eq!(
+            decide(&record, &handover(Some("a"), None), 2_000, FencingToken(0)),
+            refused_naming(None)
+        );
+        assert_eq!(
+            decide(&record, &handover(None, Some(7)), 2_000, FencingToken(0)),
+            refused_naming(None)
+        );
+        // Unconditional: always.
+        assert_eq!(
+            decide(&record, &handover(None, None), 2_000, FencingToken(0)).outcome,
+            Outcome::HandedOver {
+                token: FencingToken(8)
+            }
+        );
+    }
+
+    #[test]
     fn handover_in_every_lease_state() {
         let handed = |token| {
             (
@@ -659,6 +764,7 @@ mod tests {
             Command::Handover {
                 leader: name("a"),
                 term: TERM,
+                expected: Default::default(),
             },
             [
                 handed(1),
@@ -697,6 +803,7 @@ mod tests {
             &Command::Handover {
                 leader: name("a"),
                 term: TERM,
+                expected: Default::default(),
             },
             NOW,
             FencingToken(0),
@@ -711,6 +818,7 @@ mod tests {
             &Command::Handover {
                 leader: name("b"),
                 term: TERM,
+                expected: Default::default(),
             },
             NOW,
             FencingToken(0),
@@ -806,6 +914,7 @@ mod tests {
                 _ => Command::Handover {
                     leader: who,
                     term: Term(30),
+                    expected: Default::default(),
                 },
             };
             now += step * 11 % 17;

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use super::{LeaseStore, StoreEvent};
-use crate::lease::{ChangeCause, Command, ElectionKey, FencingToken, Name, Outcome, Term, Version};
+use crate::lease::{
+    ChangeCause, Command, ElectionKey, Expected, FencingToken, Name, Outcome, Term, Version,
+};
 
 const SHORT: Term = Term::from_millis(150);
 const LONG: Term = Term::from_millis(10_000);
@@ -48,6 +50,7 @@ fn handover(leader: &str, term: Term) -> Command {
     Command::Handover {
         leader: name(leader),
         term,
+        expected: Default::default(),
     }
 }
 
@@ -87,6 +90,7 @@ pub(crate) async fn run<S: LeaseStore>(store: &S) {
     listing_and_kinds(store, &run).await;
     kinds_and_names_that_read_alike_are_separate_elections(store, &run).await;
     changes_are_announced(store, &key(&run, "observed")).await;
+    conditional_handover(store, &key(&run, "conditional")).await;
 }
 
 async fn campaign_extend_resign_handover<S: LeaseStore>(store: &S, election: &ElectionKey) {
@@ -168,6 +172,70 @@ async fn campaign_extend_resign_handover<S: LeaseStore>(store: &S, election: &El
     );
     assert_eq!(
         store.execute(election, resign("a")).await.unwrap(),
+        Outcome::Resigned
+    );
+}
+
+/// A handover conditional on the live lease: done over the expected holder or token, refused
+/// (naming the live holder, changing nothing) over any other, and over no lease at all.
+async fn conditional_handover<S: LeaseStore>(store: &S, election: &ElectionKey) {
+    let handover_if =
+        |leader: &str, holder: Option<&str>, token: Option<FencingToken>| Command::Handover {
+            leader: name(leader),
+            term: LONG,
+            expected: Expected {
+                leader: holder.map(name),
+                token,
+            },
+        };
+    let refused = |holder: Option<&str>| Outcome::NotHolder {
+        holder: holder.map(name),
+    };
+    assert_eq!(
+        store
+            .execute(election, handover_if("b", Some("a"), None))
+            .await
+            .unwrap(),
+        refused(None),
+        "nobody leads: not the expected lease"
+    );
+    assert_eq!(leader_of(store, election).await, None, "unchanged");
+    let first = leading(store, election, campaign("a", LONG)).await;
+    for (holder, token) in [
+        (Some("z"), None),
+        (None, Some(FencingToken(first.0 + 1))),
+        (Some("a"), Some(FencingToken(first.0 - 1))),
+    ] {
+        assert_eq!(
+            store
+                .execute(election, handover_if("b", holder, token))
+                .await
+                .unwrap(),
+            refused(Some("a")),
+            "expected {holder:?} {token:?} over a's lease {first:?}"
+        );
+    }
+    assert_eq!(
+        leader_of(store, election).await,
+        Some(("a".into(), first.0)),
+        "refusals change nothing"
+    );
+    let handed = leading(store, election, handover_if("b", Some("a"), Some(first))).await;
+    assert!(handed > first);
+    assert_eq!(
+        leader_of(store, election).await,
+        Some(("b".into(), handed.0))
+    );
+    assert_eq!(
+        store
+            .execute(election, handover_if("c", Some("a"), None))
+            .await
+            .unwrap(),
+        refused(Some("b")),
+        "a second handover over the same expected lease is refused: it moved"
+    );
+    assert_eq!(
+        store.execute(election, resign("b")).await.unwrap(),
         Outcome::Resigned
     );
 }

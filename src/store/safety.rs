@@ -164,6 +164,7 @@ pub(crate) async fn check<S: LeaseStore + 'static>(
                     _ => Command::Handover {
                         leader: name.clone(),
                         term,
+                        expected: Default::default(),
                     },
                 };
                 let ends = match command {

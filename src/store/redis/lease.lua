@@ -34,6 +34,9 @@
 --          record removed at least a retention ago (tokens outrun the clock only by the grants
 --          made faster than one per millisecond).
 -- ARGV[8]  the election's name (the index's member)
+-- ARGV[9]  handover only: the holder the live lease must have, or empty for any (or none)
+-- ARGV[10] handover only: the token the live lease must have, or 0 for any; a conditional
+--          handover whose expectation is not met changes nothing and answers 5 (not holder)
 --
 -- Returns {outcome, leader, token, ttl_ms} (leader empty when nobody leads); outcome (quorum.rs
 -- `code`): 1 renewed, 2 following, 3 resigned, 4 handed over, 5 not holder, 6 elected.
@@ -154,6 +157,14 @@ elseif command == 'resign' then
   end
   return {3, '', token, 0}
 elseif command == 'handover' then
+  local expected_holder, expected_token = ARGV[9] or '', tonumber(ARGV[10]) or 0
+  if (expected_holder ~= '' and not (live and holder == expected_holder))
+      or (expected_token ~= 0 and not (live and token == expected_token)) then
+    if live then
+      return {5, holder, token, expires - now}
+    end
+    return {5, '', token, 0}
+  end
   if live and holder == who then
     -- To the live holder itself: a renewal with a new token.
     return grant(4, next_token, renewal(), 9)

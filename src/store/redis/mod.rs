@@ -298,6 +298,9 @@ struct LeaseArgs {
     /// majority decided), and the election's `kind name` for the message.
     channel: Arc<str>,
     election: String,
+    /// A conditional handover's expected holder (empty: any) and token (0: any).
+    expected_leader: String,
+    expected_token: u64,
 }
 
 fn command_parts(command: &Command) -> (Kind, &'static str, &Name, Option<Duration>) {
@@ -308,7 +311,9 @@ fn command_parts(command: &Command) -> (Kind, &'static str, &Name, Option<Durati
         }
         Command::Extend { leader, term: t } => (Kind::Extend, "extend", leader, term(t)),
         Command::Resign { leader } => (Kind::Resign, "resign", leader, None),
-        Command::Handover { leader, term: t } => (Kind::Handover, "handover", leader, term(t)),
+        Command::Handover {
+            leader, term: t, ..
+        } => (Kind::Handover, "handover", leader, term(t)),
     }
 }
 
@@ -423,6 +428,18 @@ impl LeaseStore for RedisStore {
                 false => Arc::from(""),
             },
             election: format!("{} {}", election.kind, election.election),
+            expected_leader: match &command {
+                Command::Handover { expected, .. } => expected
+                    .leader
+                    .as_ref()
+                    .map(|leader| leader.as_str().to_owned())
+                    .unwrap_or_default(),
+                _ => String::new(),
+            },
+            expected_token: match &command {
+                Command::Handover { expected, .. } => expected.token.map_or(0, |token| token.0),
+                _ => 0,
+            },
         });
         let started = Instant::now();
         let gathered = gather(
@@ -447,6 +464,8 @@ impl LeaseStore for RedisStore {
                                 a.election.as_str(),
                                 shared.retention_ms,
                                 a.name.as_str(),
+                                a.expected_leader.as_str(),
+                                a.expected_token,
                             ),
                             |(code, ..): &(u8, String, u64, u64)| quorum::may_have_written(*code),
                         )

@@ -321,7 +321,22 @@ pub(crate) fn combine(kind: Kind, answers: &[Answer<Reply>], valid: bool) -> Opt
             Some(leader) => name(leader).map(|h| Outcome::NotHolder { holder: Some(h) }),
             None => Ok(Outcome::NotHolder { holder: None }),
         }),
-        Kind::Handover | Kind::Resign => failed(Err(tally.unavailable())),
+        // A conditional handover a majority refused (its expected lease is not the live one
+        // there) is refused, naming the holder they agree on; minority grants are released.
+        // Anything less than a majority either way is unavailable.
+        Kind::Handover => match tally
+            .replies()
+            .filter(|r| r.code == code::NOT_HOLDER)
+            .count()
+            >= quorum
+        {
+            true => failed(match tally.majority_holder(&[code::NOT_HOLDER]) {
+                Some(leader) => name(leader).map(|h| Outcome::NotHolder { holder: Some(h) }),
+                None => Ok(Outcome::NotHolder { holder: None }),
+            }),
+            false => failed(Err(tally.unavailable())),
+        },
+        Kind::Resign => failed(Err(tally.unavailable())),
     })
 }
 
@@ -771,6 +786,29 @@ mod tests {
         let v = decided(Kind::Handover, &[ok(4, "c", 7), down(), down()]);
         assert!(v.outcome.is_err());
         assert_eq!(v.release, [0]);
+    }
+
+    #[test]
+    fn a_conditional_handover_a_majority_refused_is_refused_and_its_minority_grant_released() {
+        // Two servers say the live lease is b's, not the expected one; the third handed over.
+        let v = decided(
+            Kind::Handover,
+            &[ok(5, "b", 5), ok(4, "c", 7), ok(5, "b", 5)],
+        );
+        assert_eq!(
+            v.outcome,
+            Ok(Outcome::NotHolder {
+                holder: Some(Name::parse("leader", "b").unwrap())
+            })
+        );
+        assert_eq!((v.release, v.change), (vec![1], None));
+        // One refusal, one grant, one server down: neither side has a majority.
+        let v = decided(Kind::Handover, &[ok(5, "b", 5), ok(4, "c", 7), down()]);
+        assert!(matches!(v.outcome, Err(StoreError::Unavailable(_))));
+        assert_eq!(v.release, [1]);
+        // Refused by a majority where nobody leads.
+        let v = decided(Kind::Handover, &[ok(5, "", 5), ok(5, "", 5), None]);
+        assert_eq!(v.outcome, Ok(Outcome::NotHolder { holder: None }));
     }
 
     fn live(leader: &str, token: u64, ttl_ms: u64) -> Answer<Reply> {

@@ -224,7 +224,11 @@ async fn the_lua_script_decides_exactly_as_the_lease_engine() {
             },
             1 => Command::Extend { leader: who, term },
             2 => Command::Resign { leader: who },
-            _ => Command::Handover { leader: who, term },
+            _ => Command::Handover {
+                leader: who,
+                term,
+                expected: Default::default(),
+            },
         };
         let expected = memory.execute(&election, command.clone()).await.unwrap();
         let actual = redis.execute(&election, command.clone()).await.unwrap();
@@ -511,6 +515,7 @@ async fn redlock_serves_with_one_of_three_servers_down_and_fails_fast_with_two()
             Command::Handover {
                 leader: name("b"),
                 term: Term::from_millis(10_000),
+                expected: Default::default(),
             },
         )
         .await
@@ -680,6 +685,7 @@ async fn sentinel_failover_keeps_every_acknowledged_lease_and_writes_again_once_
     let handover = Command::Handover {
         leader: name("b"),
         term: Term::from_millis(10_000),
+        expected: Default::default(),
     };
     let refused = store.execute(&election, handover.clone()).await;
     assert!(
@@ -714,6 +720,7 @@ async fn cluster_keeps_every_acknowledged_lease_when_the_master_of_an_election_d
     let handover = Command::Handover {
         leader: name("b"),
         term: Term::from_millis(10_000),
+        expected: Default::default(),
     };
     let after = until_served(&store, &election, handover, Duration::from_secs(10)).await;
     assert!(
@@ -1200,6 +1207,7 @@ async fn a_burst_of_handovers_is_observed_without_replays_or_silent_gaps() {
                 let handover = Command::Handover {
                     leader: name(&format!("h{lane}-{i}")),
                     term: Term::from_millis(60_000),
+                    expected: Default::default(),
                 };
                 tokens.push(leading_token(&writer, &key("burst"), handover).await.0);
             }

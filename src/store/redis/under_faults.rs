@@ -454,6 +454,7 @@ async fn run_mode(mode: &str) {
             let handover = Command::Handover {
                 leader: Name::parse("leader", "after").expect("valid"),
                 term: Term::from_millis(30_000),
+                expected: Default::default(),
             };
             let deadline = Instant::now() + RECOVERY;
             while let Err(err) = agent.execute(&key, handover.clone()).await {
