@@ -490,6 +490,7 @@ async fn kubectl_get_elections_shows_the_leader_a_client_campaigned_for_and_dele
             leader: "bob".into(),
             term: 30_000,
             kind: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -752,6 +753,7 @@ async fn hand_over(agent: &AgentProcess, leader: &str) -> u64 {
         leader: leader.into(),
         term: 30_000,
         kind: String::new(),
+        ..Default::default()
     };
     within("Handover", Duration::from_secs(10), grpc.handover(request))
         .await

@@ -68,7 +68,8 @@ pub enum ClientCommand {
         /// The current leader.
         leader: String,
     },
-    /// Hand ELECTION over to LEADER, whoever leads now.
+    /// Hand ELECTION over to LEADER: whoever leads now, or only over the lease the --expected-*
+    /// options name.
     Handover {
         /// Election name.
         election: String,
@@ -77,6 +78,12 @@ pub enum ClientCommand {
         /// Term in milliseconds.
         #[arg(long, default_value_t = 10_000)]
         term: i32,
+        /// Only if this candidate holds the live lease.
+        #[arg(long, default_value = "")]
+        expected_leader: String,
+        /// Only if the live lease has this fencing token.
+        #[arg(long, default_value_t = 0)]
+        expected_token: u64,
     },
     /// Print the leader of ELECTION.
     Leader {
@@ -204,6 +211,8 @@ pub async fn run(args: ClientArgs) -> Result<(), ClientError> {
             election,
             leader,
             term,
+            expected_leader,
+            expected_token,
         } => {
             let r = client
                 .handover(pb::HandoverRequest {
@@ -211,6 +220,8 @@ pub async fn run(args: ClientArgs) -> Result<(), ClientError> {
                     leader,
                     term,
                     kind,
+                    expected_leader,
+                    expected_fencing_token: expected_token,
                 })
                 .await?
                 .into_inner();

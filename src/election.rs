@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     discovery::{Discovery, DiscoveryError, mapping::PodInfo},
     lease::{
-        ChangeCause, Command, ElectionKey, FencingToken, InvalidArgument, LeaderInfo, Leadership,
-        Name, Outcome, Term, TermBounds, Version,
+        ChangeCause, Command, ElectionKey, Expected, FencingToken, InvalidArgument, LeaderInfo,
+        Leadership, Name, Outcome, Term, TermBounds, Version,
     },
     metrics::{Action, Metrics},
     store::{LeaseStore, Store, StoreError, StoreEvent},
@@ -67,6 +67,17 @@ pub enum ElectionError {
         holder: Name,
         /// Who asked.
         caller: Name,
+    },
+    /// A conditional Handover over a lease that is not the live one (FAILED_PRECONDITION / 409).
+    #[error("election {election} is not led as the handover expects; {}", match holder {
+        Some(holder) => format!("{holder} leads it"),
+        None => "nobody leads it".to_owned(),
+    })]
+    NotAsExpected {
+        /// The election.
+        election: ElectionKey,
+        /// Its live leader.
+        holder: Option<Name>,
     },
     /// The lease store could not answer.
     #[error(transparent)]
@@ -259,19 +270,29 @@ impl ElectionService {
         .await
     }
 
-    /// Makes `leader` the leader for `term_ms` milliseconds, whoever led before.
+    /// Makes `leader` the leader for `term_ms` milliseconds — whoever led before, or only over
+    /// the live lease of `expected_leader` and/or `expected_token` (empty and 0: any).
     pub async fn handover(
         &self,
         kind: &str,
         election: &str,
         leader: &str,
         term_ms: i64,
+        expected_leader: &str,
+        expected_token: u64,
     ) -> Result<FencingToken, ElectionError> {
         self.instrumented(Action::Handover, async {
             let key = election_key(kind, election)?;
             let leader = Name::parse("leader", leader)?;
             let term = self.term("term", term_ms)?;
-            self.leases().handover(&key, &leader, term).await
+            let expected = Expected {
+                leader: match expected_leader {
+                    "" => None,
+                    name => Some(Name::parse("expected_leader", name)?),
+                },
+                token: (expected_token != 0).then_some(FencingToken(expected_token)),
+            };
+            self.leases().handover(&key, &leader, term, expected).await
         })
         .await
     }
@@ -483,20 +504,26 @@ impl Leases<'_> {
         }
     }
 
-    /// Makes `leader` the leader for `term`, whoever led before.
+    /// Makes `leader` the leader for `term` — whoever led before, or only over the live lease
+    /// `expected` names.
     pub async fn handover(
         self,
         election: &ElectionKey,
         leader: &Name,
         term: Term,
+        expected: Expected,
     ) -> Result<FencingToken, ElectionError> {
         let command = Command::Handover {
             leader: leader.clone(),
             term,
-            expected: Default::default(),
+            expected,
         };
         match self.store.execute(election, command).await? {
             Outcome::HandedOver { token } => Ok(token),
+            Outcome::NotHolder { holder } => Err(ElectionError::NotAsExpected {
+                election: election.clone(),
+                holder,
+            }),
             other => unreachable_outcome(&other),
         }
     }
@@ -752,7 +779,7 @@ mod tests {
             );
             assert_eq!(field(s.resign("", "e", bad).await.unwrap_err()), "leader");
             assert_eq!(
-                field(s.handover("", "e", bad, 1000).await.unwrap_err()),
+                field(s.handover("", "e", bad, 1000, "", 0).await.unwrap_err()),
                 "leader"
             );
             assert_eq!(field(s.leader("", bad).await.unwrap_err()), "election");
@@ -774,7 +801,7 @@ mod tests {
                 "term"
             );
             assert_eq!(
-                field(s.handover("", "e", "c", term).await.unwrap_err()),
+                field(s.handover("", "e", "c", term, "", 0).await.unwrap_err()),
                 "term"
             );
         }
@@ -851,7 +878,7 @@ mod tests {
         };
         assert_eq!(next().await, (EventKind::Current, Some("a".into()), 1));
         s.extend("", "watched", "a", 5_000, 0, 0).await.unwrap();
-        s.handover("", "watched", "b", 5_000).await.unwrap();
+        s.handover("", "watched", "b", 5_000, "", 0).await.unwrap();
         assert_eq!(
             next().await,
             (EventKind::HandedOver, Some("b".into()), 2),
@@ -995,7 +1022,7 @@ mod tests {
         let first = events.next().await.unwrap();
         // 20,000 handovers while the observer reads nothing: it falls far behind.
         for i in 0..20_000 {
-            s.handover("", "burst", &format!("h{i}"), 60_000)
+            s.handover("", "burst", &format!("h{i}"), 60_000, "", 0)
                 .await
                 .unwrap();
         }

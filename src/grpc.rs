@@ -33,7 +33,8 @@ pub use pb::election_server::ElectionServer;
 pub const SERVICE_NAME: &str = "grpc.election_agent.v1.Election";
 
 /// Maps a service error to its gRPC status: invalid fields INVALID_ARGUMENT, no leader NOT_FOUND,
-/// held by another ALREADY_EXISTS, store unavailable FAILED_PRECONDITION (as the Go service).
+/// held by another ALREADY_EXISTS, store unavailable FAILED_PRECONDITION (as the Go service), a
+/// conditional handover over another lease FAILED_PRECONDITION too (its message says which).
 pub fn status(err: ElectionError) -> Status {
     let message = err.to_string();
     match err {
@@ -42,7 +43,9 @@ pub fn status(err: ElectionError) -> Status {
             Status::not_found(message)
         }
         ElectionError::HeldByOther { .. } => Status::already_exists(message),
-        ElectionError::Unavailable(_) => Status::failed_precondition(message),
+        ElectionError::Unavailable(_) | ElectionError::NotAsExpected { .. } => {
+            Status::failed_precondition(message)
+        }
         ElectionError::Unimplemented(_) => Status::unimplemented(message),
         ElectionError::Discovery(err) => match err {
             DiscoveryError::InvalidArgument(_) => Status::invalid_argument(message),
@@ -238,7 +241,14 @@ impl pb::election_server::Election for ElectionGrpc {
         })?;
         let token = self
             .service
-            .handover(&r.kind, &r.election, &r.leader, r.term.into())
+            .handover(
+                &r.kind,
+                &r.election,
+                &r.leader,
+                r.term.into(),
+                &r.expected_leader,
+                r.expected_fencing_token,
+            )
             .await
             .map_err(status)?;
         Ok(Response::new(pb::BoolValue {

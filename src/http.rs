@@ -144,7 +144,9 @@ impl From<ElectionError> for ApiError {
             ElectionError::NoLeader { .. } | ElectionError::NotLeader { .. } => {
                 StatusCode::NOT_FOUND
             }
-            ElectionError::HeldByOther { .. } => StatusCode::CONFLICT,
+            ElectionError::HeldByOther { .. } | ElectionError::NotAsExpected { .. } => {
+                StatusCode::CONFLICT
+            }
             ElectionError::Unavailable(_) => StatusCode::PRECONDITION_FAILED,
             ElectionError::Unimplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ElectionError::Discovery(err) => match err {
@@ -331,6 +333,14 @@ pub struct HandoverBody {
     #[schema(minimum = 1000, maximum = 86400000)]
     #[serde(deserialize_with = "whole_number")]
     term: i64,
+    /// Only hand over if this is the live lease's holder (else 409, nothing changes).
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 253, pattern = "^[A-Za-z0-9._:/@-]+$")]
+    expected_leader: Option<String>,
+    /// Only hand over if this is the live lease's fencing token (else 409, nothing changes).
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    expected_fencing_token: Option<u64>,
 }
 
 /// `DELETE /election/{kind}/{name}`: resign.
@@ -535,6 +545,7 @@ async fn extend(
     responses(
         (status = 200, description = "`leader` leads now, with a new fencing token", body = ValueBody),
         (status = 400, description = "Invalid or malformed request", body = ErrorBody),
+        (status = 409, description = "The live lease is not the one `expected_leader` / `expected_fencing_token` name (the message says who leads); nothing changed", body = ErrorBody),
         (status = 412, description = "Lease store unavailable", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "A declared Content-Type other than application/json (none is read as JSON)", body = ErrorBody),
@@ -548,7 +559,14 @@ async fn handover(
     caller.authorize(Verb::Handover, Target::election(&kind, &name))?;
     let token = state
         .service
-        .handover(&kind, &name, &body.leader, body.term)
+        .handover(
+            &kind,
+            &name,
+            &body.leader,
+            body.term,
+            body.expected_leader.as_deref().unwrap_or_default(),
+            body.expected_fencing_token.unwrap_or_default(),
+        )
         .await?;
     Ok(Json(ValueBody {
         value: true,

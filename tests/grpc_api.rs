@@ -86,6 +86,7 @@ async fn leadership_can_be_won_kept_contested_handed_over_and_given_up() {
             leader: "bob".into(),
             term: 5_000,
             kind: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -253,6 +254,7 @@ async fn observe_streams_the_current_leader_then_each_change_within_100_ms() {
         leader: "bob".into(),
         term: 1_000,
         kind: String::new(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -368,4 +370,80 @@ async fn reflection_lists_the_election_and_health_services() {
     );
     agent.shutdown().await;
     agent.wait().await.unwrap();
+}
+
+/// A handover conditional on the live lease (additive fields 5 and 6): refused with
+/// FAILED_PRECONDITION naming the live leader, changing nothing, unless the lease is the expected
+/// one — so a client can hand over safely without an authorization policy.
+#[tokio::test]
+async fn a_conditional_handover_happens_only_over_the_expected_lease() {
+    let agent = common::start_agent().await;
+    let mut c = ElectionClient::connect(common::grpc_endpoint(&agent))
+        .await
+        .unwrap();
+    let handover =
+        |leader: &str, expected_leader: &str, expected_fencing_token: u64| pb::HandoverRequest {
+            election: "jobs".into(),
+            leader: leader.into(),
+            term: 5_000,
+            expected_leader: expected_leader.into(),
+            expected_fencing_token,
+            ..Default::default()
+        };
+    let refused = c
+        .handover(handover("mallory", "alice", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("nobody leads it"), "{refused:?}");
+
+    let won = c
+        .campaign(pb::CampaignRequest {
+            election: "jobs".into(),
+            candidate: "alice".into(),
+            term: 5_000,
+            kind: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for (expected_leader, expected_token) in [
+        ("bob", 0),
+        ("", won.fencing_token + 1),
+        ("alice", won.fencing_token + 2),
+    ] {
+        let refused = c
+            .handover(handover("mallory", expected_leader, expected_token))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(refused.message().contains("alice leads it"), "{refused:?}");
+    }
+    let bad = c
+        .handover(handover("bob", "not a name", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("expected_leader"), "{bad:?}");
+
+    let handed = c
+        .handover(handover("bob", "alice", won.fencing_token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(handed.value && handed.fencing_token > won.fencing_token);
+    let leader = c
+        .get_leader(pb::GetLeaderRequest {
+            election: "jobs".into(),
+            kind: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(leader.value, "bob");
+    agent.shutdown().await;
 }

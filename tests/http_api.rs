@@ -1312,6 +1312,54 @@ async fn a_whole_number_written_with_a_fraction_part_is_that_integer() {
     }
 }
 
+/// A handover conditional on the live lease: 409 naming the live leader, nothing changed, unless
+/// the lease is the expected one.
+#[tokio::test]
+async fn a_conditional_handover_is_409_over_another_lease_and_done_over_the_expected_one() {
+    let app = app();
+    let won = call_json(
+        &app,
+        Method::POST,
+        "/election/k/e",
+        json!({"candidate": "alice", "term": TERM}),
+    )
+    .await
+    .json();
+    let token = won["fencing_token"].as_u64().unwrap();
+    for expected in [
+        json!({"expected_leader": "bob"}),
+        json!({"expected_fencing_token": token + 1}),
+        json!({"expected_leader": "alice", "expected_fencing_token": token + 1}),
+    ] {
+        let mut body = json!({"leader": "mallory", "term": TERM});
+        body.as_object_mut()
+            .unwrap()
+            .extend(expected.as_object().unwrap().clone());
+        let reply = call_json(&app, Method::PUT, "/election/k/e", body).await;
+        assert!(
+            reply.error(StatusCode::CONFLICT).contains("alice leads it"),
+            "{expected}"
+        );
+    }
+    assert_eq!(
+        call(&app, Method::GET, "/election/k/e").await.json()["leader"],
+        "alice"
+    );
+    let reply = call_json(
+        &app,
+        Method::PUT,
+        "/election/k/e",
+        json!({"leader": "bob", "term": TERM, "expected_leader": "alice", "expected_fencing_token": token}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert!(reply.json()["fencing_token"].as_u64().unwrap() > token);
+    assert_eq!(
+        call(&app, Method::GET, "/election/k/e").await.json()["leader"],
+        "bob"
+    );
+}
+
 #[test]
 fn checked_in_openapi_document_equals_the_generated_one() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");

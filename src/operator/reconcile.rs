@@ -26,7 +26,7 @@ use super::{
 };
 use crate::{
     election::{ElectionError, election_key},
-    lease::{ElectionKey, FencingToken, Name, Term},
+    lease::{ElectionKey, Expected, FencingToken, Name, Term},
 };
 
 /// Reconciles one Election (a free function wrapping the finalizer, as kube-runtime expects).
@@ -211,6 +211,7 @@ async fn apply(election: &Election, ctx: &Context) -> Result<Action, OperatorErr
         };
         let leases = ctx.service.leases();
         let pod = |pod: &str| Name::parse("pod", pod).map_err(ElectionError::from);
+        let pod_name = pod;
         if let Some(command) = decided.command() {
             ctx.leading.check()?;
             ctx.metrics.command(command);
@@ -224,7 +225,15 @@ async fn apply(election: &Election, ctx: &Context) -> Result<Action, OperatorErr
                 }
                 LeaseAction::Handover(name) => {
                     let pod = pod(name)?;
-                    let token = leases.handover(key, &pod, term).await?;
+                    // Only over the lease decided on: if it moved meanwhile, read it again.
+                    let expected = Expected {
+                        leader: current
+                            .as_ref()
+                            .map(|lease| pod_name(&lease.leader))
+                            .transpose()?,
+                        token: current.as_ref().map(|lease| FencingToken(lease.token)),
+                    };
+                    let token = leases.handover(key, &pod, term, expected).await?;
                     Ok(leading(&pod, token))
                 }
                 LeaseAction::Resign(name) => leases.resign(key, &pod(name)?).await.map(|()| None),
@@ -236,7 +245,11 @@ async fn apply(election: &Election, ctx: &Context) -> Result<Action, OperatorErr
             Ok(now) => lease = Ok(now),
             // Someone else changed the lease in between: read what it is now (the change also
             // triggers a new round).
-            Err(ElectionError::HeldByOther { .. } | ElectionError::NoLeader { .. }) => {
+            Err(
+                ElectionError::HeldByOther { .. }
+                | ElectionError::NoLeader { .. }
+                | ElectionError::NotAsExpected { .. },
+            ) => {
                 lease = read_lease(key, ctx).await;
             }
             // Nothing to retry until the spec (or the pod) changes.

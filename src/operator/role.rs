@@ -222,6 +222,7 @@ mod tests {
                 &controller_lease(),
                 &Name::parse("identity", "intruder").unwrap(),
                 Term::from_millis(60_000),
+                Default::default(),
             )
             .await
             .unwrap();
@@ -302,7 +303,14 @@ mod tests {
 
         // No client can hand the lease over (or resign it, or campaign for it).
         let refused = service
-            .handover(CONTROLLER_KIND, CONTROLLER_ELECTION, "intruder", 60_000)
+            .handover(
+                CONTROLLER_KIND,
+                CONTROLLER_ELECTION,
+                "intruder",
+                60_000,
+                "",
+                0,
+            )
             .await;
         assert!(
             matches!(&refused, Err(ElectionError::InvalidArgument(err)) if err.field == "kind"),
@@ -324,6 +332,7 @@ mod tests {
                 &controller_lease(),
                 &Name::parse("identity", "intruder").unwrap(),
                 Term::from_millis(60_000),
+                Default::default(),
             )
             .await
             .unwrap();
