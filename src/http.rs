@@ -267,6 +267,18 @@ fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64
     }
 }
 
+/// An optional fencing token of a request body: a whole number (see [`whole_number`]) from 0.
+fn whole_token<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    struct Whole(#[serde(deserialize_with = "whole_number")] i64);
+    match Option::<Whole>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(Whole(value)) => u64::try_from(value)
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("{value} is negative"))),
+    }
+}
+
 /// `GET /election/{kind}/{name}`: the leader.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct LeaderBody {
@@ -333,13 +345,15 @@ pub struct HandoverBody {
     #[schema(minimum = 1000, maximum = 86400000)]
     #[serde(deserialize_with = "whole_number")]
     term: i64,
-    /// Only hand over if this is the live lease's holder (else 409, nothing changes).
+    /// Only hand over if this is the live lease's holder (else 409, nothing changes); empty or
+    /// absent: any.
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 253, pattern = "^[A-Za-z0-9._:/@-]+$")]
+    #[schema(max_length = 253, pattern = "^[A-Za-z0-9._:/@-]*$")]
     expected_leader: Option<String>,
-    /// Only hand over if this is the live lease's fencing token (else 409, nothing changes).
-    #[serde(default)]
-    #[schema(minimum = 1)]
+    /// Only hand over if this is the live lease's fencing token (else 409, nothing changes); 0
+    /// or absent: any.
+    #[serde(default, deserialize_with = "whole_token")]
+    #[schema(minimum = 0)]
     expected_fencing_token: Option<u64>,
 }
 

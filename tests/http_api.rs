@@ -1353,10 +1353,41 @@ async fn a_conditional_handover_is_409_over_another_lease_and_done_over_the_expe
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    assert!(reply.json()["fencing_token"].as_u64().unwrap() > token);
+    let token = reply.json()["fencing_token"].as_u64().unwrap();
     assert_eq!(
         call(&app, Method::GET, "/election/k/e").await.json()["leader"],
         "bob"
+    );
+    // As the document says (and schemathesis checks): an empty expected leader and a token of 0
+    // mean any; a token is a whole number, `7.0` included; a negative one is refused.
+    let reply = call_raw(
+        &app,
+        Method::PUT,
+        "/election/k/e",
+        Some("application/json"),
+        format!(r#"{{"leader": "carol", "term": {TERM}, "expected_leader": "", "expected_fencing_token": {token}.0}}"#),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let reply = call_json(
+        &app,
+        Method::PUT,
+        "/election/k/e",
+        json!({"leader": "dave", "term": TERM, "expected_fencing_token": 0}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let reply = call_json(
+        &app,
+        Method::PUT,
+        "/election/k/e",
+        json!({"leader": "erin", "term": TERM, "expected_fencing_token": -1}),
+    )
+    .await;
+    assert!(
+        reply
+            .error(StatusCode::BAD_REQUEST)
+            .contains("expected_fencing_token")
     );
 }
 
