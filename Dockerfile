@@ -29,6 +29,11 @@ ENV EA_GRPC_PORT=9090 \
     EA_HTTP_PORT=8080
 EXPOSE 9090 8080
 
+# glibc's per-thread caches (tcache) keep freed chunks spread over the heap, and each pins its
+# page: after a flood of connections the agent's RSS stayed ~4 MB (over 20 %) above its start;
+# without them, within 1 MB (scripts/flood.sh). No throughput difference beyond noise.
+ENV GLIBC_TUNABLES=glibc.malloc.tcache_count=0
+
 # Numeric, so that Kubernetes' runAsNonRoot can check it without reading /etc/passwd.
 USER 65532:65532
 

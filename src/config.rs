@@ -69,10 +69,26 @@ settings! {
         "serve the gRPC API";
     "EA_GRPC_PORT" => "grpc.port" = "443",
         "gRPC port (0 picks a free one)";
+    "EA_GRPC_MAX_CONNECTIONS" => "grpc.max_connections" = "4096",
+        "open gRPC connections at most: a new one beyond closes the longest-idle one, or waits while every one has a request in flight";
+    "EA_GRPC_MAX_CONCURRENT_STREAMS" => "grpc.max_concurrent_streams" = "1000",
+        "requests (HTTP/2 streams) one gRPC connection may have open at once";
+    "EA_GRPC_MAX_OBSERVE_STREAMS" => "grpc.max_observe_streams" = "10000",
+        "Observe streams open at once on the gRPC port; beyond, RESOURCE_EXHAUSTED";
+    "EA_GRPC_MAX_OBSERVE_STREAMS_PER_CONNECTION" => "grpc.max_observe_streams_per_connection" = "500",
+        "Observe streams one gRPC connection may have open; below EA_GRPC_MAX_CONCURRENT_STREAMS, so that other calls keep room";
     "EA_HTTP_ENABLE" => "http.enable" = "true",
         "serve the REST API, probes and metrics";
     "EA_HTTP_PORT" => "http.port" = "80",
         "HTTP port (0 picks a free one)";
+    "EA_HTTP_MAX_CONNECTIONS" => "http.max_connections" = "4096",
+        "open HTTP connections at most: a new one beyond closes the longest-idle one, or waits while every one has a request in flight";
+    "EA_HTTP_MAX_CONCURRENT_STREAMS" => "http.max_concurrent_streams" = "200",
+        "requests (HTTP/2 streams) one HTTP/2 connection may have open at once";
+    "EA_HTTP_MAX_WATCH_STREAMS" => "http.max_watch_streams" = "1000",
+        "watch (Server-Sent Events) streams open at once on the HTTP port; beyond, 429";
+    "EA_HTTP_MAX_WATCH_STREAMS_PER_CONNECTION" => "http.max_watch_streams_per_connection" = "100",
+        "watch streams one HTTP/2 connection may have open (HTTP/1: one per connection); below EA_HTTP_MAX_CONCURRENT_STREAMS";
     "EA_METRIC_ENABLE" => "metric.enable" = "true",
         "serve Prometheus metrics at /metrics (needs HTTP)";
     "EA_METRIC_REQUEST_DURATION_BUCKETS" => "metric.request_duration_buckets" = DEFAULT_BUCKETS,
@@ -117,6 +133,20 @@ settings! {
         "how long an election's record is kept after its lease ended, then removed (its fencing tokens still only increase); at least 1s";
     "EA_SHUTDOWN_TIMEOUT" => "shutdown_timeout" = "8s",
         "how long SIGTERM waits for in-flight requests before exiting";
+    "EA_REQUEST_TIMEOUT" => "request_timeout" = "60s",
+        "longest a request may take to be answered (Observe and watch: their first event), then DEADLINE_EXCEEDED / 503; at least EA_REDIS_OPERATION_TIMEOUT";
+    "EA_HANDSHAKE_TIMEOUT" => "connection.handshake_timeout" = "10s",
+        "a new connection must send its first bytes (the HTTP/2 preface, or an HTTP/1 request line) within this, else it is closed";
+    "EA_HEADER_READ_TIMEOUT" => "connection.header_read_timeout" = "10s",
+        "HTTP/1: a request's headers must arrive within this from its first byte, else the connection is closed (slowloris)";
+    "EA_BODY_READ_TIMEOUT" => "connection.body_read_timeout" = "10s",
+        "a request's body must arrive within this from its headers, else the request fails";
+    "EA_IDLE_TIMEOUT" => "connection.idle_timeout" = "2m",
+        "a connection without a request in flight for this long is closed (HTTP/2: with GOAWAY)";
+    "EA_KEEPALIVE_INTERVAL" => "connection.keepalive_interval" = "30s",
+        "HTTP/2: a PING is sent to a client silent for this long";
+    "EA_KEEPALIVE_TIMEOUT" => "connection.keepalive_timeout" = "10s",
+        "HTTP/2: a connection whose PING is not answered within this is closed, with its streams";
 }
 
 /// Shortest retention of an ended lease's record: tokens of a new record start at the clock
@@ -125,6 +155,9 @@ const MIN_RETENTION: Duration = Duration::from_secs(1);
 
 /// Most replicas `EA_REDIS_REPLICA_ACKS` may require.
 const MAX_REPLICA_ACKS: usize = 16;
+
+/// Largest connection or stream limit: far beyond what one process can hold.
+const MAX_COUNT: usize = 1_000_000;
 
 /// The README's configuration table, generated from [`SETTINGS`].
 pub fn markdown_table() -> String {
@@ -219,6 +252,39 @@ pub struct Listener {
     pub port: u16,
 }
 
+/// What one port allows at once, so that no client can take every descriptor or grow memory
+/// without bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortLimits {
+    /// Open connections.
+    pub max_connections: usize,
+    /// HTTP/2 streams (requests) per connection: the SETTINGS_MAX_CONCURRENT_STREAMS sent.
+    pub max_concurrent_streams: u32,
+    /// Long-lived event streams (gRPC Observe, HTTP watch) on the whole port.
+    pub max_event_streams: usize,
+    /// Long-lived event streams per connection.
+    pub max_event_streams_per_connection: usize,
+}
+
+/// How long a connection or a request may take at each step before it is closed or failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From accepting a connection to its first bytes.
+    pub handshake: Duration,
+    /// HTTP/1: from a request's first byte to the end of its headers.
+    pub header_read: Duration,
+    /// From a request's headers to the end of its body.
+    pub body_read: Duration,
+    /// A connection without a request in flight for this long is closed.
+    pub idle: Duration,
+    /// HTTP/2: a PING after this long without a frame from the client...
+    pub keepalive_interval: Duration,
+    /// ...which must be answered within this.
+    pub keepalive_timeout: Duration,
+    /// From a request's headers to its response's headers.
+    pub request: Duration,
+}
+
 /// `EA_REDIS_MODE`: which lease store backs the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreMode {
@@ -306,6 +372,12 @@ pub struct Config {
     pub grpc: Listener,
     /// `EA_HTTP_*`.
     pub http: Listener,
+    /// `EA_GRPC_MAX_*`.
+    pub grpc_limits: PortLimits,
+    /// `EA_HTTP_MAX_*`.
+    pub http_limits: PortLimits,
+    /// `EA_*_TIMEOUT` of connections and requests, `EA_KEEPALIVE_*`.
+    pub timeouts: Timeouts,
     /// `EA_METRIC_ENABLE`.
     pub metrics_enabled: bool,
     /// `EA_METRIC_REQUEST_DURATION_BUCKETS`.
@@ -517,6 +589,45 @@ impl Values {
         }
     }
 
+    /// One port's limits: each at least 1, event streams per connection at most the port's and
+    /// fewer than the streams a connection may open (a connection full of event streams could
+    /// otherwise send nothing else).
+    fn port_limits(
+        &self,
+        connections: &'static str,
+        streams: &'static str,
+        event_streams: &'static str,
+        event_streams_per_connection: &'static str,
+    ) -> Result<PortLimits, ConfigError> {
+        let limits = PortLimits {
+            max_connections: self.get(connections, count)?,
+            max_concurrent_streams: self.get(streams, |v| {
+                count(v).map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+            })?,
+            max_event_streams: self.get(event_streams, count)?,
+            max_event_streams_per_connection: self.get(event_streams_per_connection, count)?,
+        };
+        if limits.max_event_streams_per_connection > limits.max_event_streams {
+            return Err(self.conflict(
+                event_streams_per_connection,
+                format!(
+                    "must not be more than {event_streams} ({})",
+                    limits.max_event_streams
+                ),
+            ));
+        }
+        if limits.max_event_streams_per_connection >= limits.max_concurrent_streams as usize {
+            return Err(self.conflict(
+                event_streams_per_connection,
+                format!(
+                    "must be fewer than {streams} ({}), so that other requests keep room",
+                    limits.max_concurrent_streams
+                ),
+            ));
+        }
+        Ok(limits)
+    }
+
     fn parse(&self) -> Result<Config, ConfigError> {
         let environment = self.get("EA_ENV", |v| match v {
             "production" | "benchmark" => Ok(Environment::Production),
@@ -549,6 +660,18 @@ impl Values {
             enable: self.get("EA_HTTP_ENABLE", boolean)?,
             port: self.get("EA_HTTP_PORT", port)?,
         };
+        let grpc_limits = self.port_limits(
+            "EA_GRPC_MAX_CONNECTIONS",
+            "EA_GRPC_MAX_CONCURRENT_STREAMS",
+            "EA_GRPC_MAX_OBSERVE_STREAMS",
+            "EA_GRPC_MAX_OBSERVE_STREAMS_PER_CONNECTION",
+        )?;
+        let http_limits = self.port_limits(
+            "EA_HTTP_MAX_CONNECTIONS",
+            "EA_HTTP_MAX_CONCURRENT_STREAMS",
+            "EA_HTTP_MAX_WATCH_STREAMS",
+            "EA_HTTP_MAX_WATCH_STREAMS_PER_CONNECTION",
+        )?;
         let metrics_enabled = self.get("EA_METRIC_ENABLE", boolean)?;
         if metrics_enabled && !http.enable {
             return Err(self.conflict(
@@ -636,6 +759,28 @@ impl Values {
             ));
         }
 
+        let request_timeout = self.get("EA_REQUEST_TIMEOUT", positive_duration)?;
+        // A shorter deadline would turn a store outage's FAILED_PRECONDITION into
+        // DEADLINE_EXCEEDED, and cut the store's own timeout short.
+        if request_timeout < operation_timeout {
+            return Err(self.conflict(
+                "EA_REQUEST_TIMEOUT",
+                format!(
+                    "must not be shorter than EA_REDIS_OPERATION_TIMEOUT ({} ms)",
+                    operation_timeout.as_millis()
+                ),
+            ));
+        }
+        let timeouts = Timeouts {
+            handshake: self.get("EA_HANDSHAKE_TIMEOUT", positive_duration)?,
+            header_read: self.get("EA_HEADER_READ_TIMEOUT", positive_duration)?,
+            body_read: self.get("EA_BODY_READ_TIMEOUT", positive_duration)?,
+            idle: self.get("EA_IDLE_TIMEOUT", positive_duration)?,
+            keepalive_interval: self.get("EA_KEEPALIVE_INTERVAL", positive_duration)?,
+            keepalive_timeout: self.get("EA_KEEPALIVE_TIMEOUT", positive_duration)?,
+            request: request_timeout,
+        };
+
         let min = self.get("EA_LEASE_MIN_TERM", term)?;
         let max = self.get("EA_LEASE_MAX_TERM", term)?;
         if min > max {
@@ -655,6 +800,9 @@ impl Values {
             bind_address,
             grpc,
             http,
+            grpc_limits,
+            http_limits,
+            timeouts,
             metrics_enabled,
             request_duration_buckets,
             kube_enabled: self.get("EA_KUBE_ENABLE", boolean)?,
@@ -729,6 +877,14 @@ fn port(value: &str) -> Result<u16, String> {
     value
         .parse()
         .map_err(|_| "expected a port number 0..=65535 (0 picks a free port)".into())
+}
+
+fn count(value: &str) -> Result<usize, String> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_COUNT).contains(n))
+        .ok_or_else(|| format!("expected a number 1..={MAX_COUNT}"))
 }
 
 fn namespaces(value: &str) -> Result<Vec<String>, String> {
@@ -832,6 +988,43 @@ mod tests {
         assert!(config.request_duration_buckets.contains(&0.25));
     }
 
+    /// Both ports' caps and a reserve fit in a 20,000-descriptor limit with room to spare, and
+    /// a connection full of event streams still has streams left for other calls.
+    #[test]
+    fn default_limits_fit_a_common_descriptor_limit_and_leave_streams_for_calls() {
+        let config = Config::default();
+        assert_eq!(
+            (config.grpc_limits, config.http_limits),
+            (
+                PortLimits {
+                    max_connections: 4096,
+                    max_concurrent_streams: 1000,
+                    max_event_streams: 10_000,
+                    max_event_streams_per_connection: 500,
+                },
+                PortLimits {
+                    max_connections: 4096,
+                    max_concurrent_streams: 200,
+                    max_event_streams: 1000,
+                    max_event_streams_per_connection: 100,
+                }
+            )
+        );
+        assert!(config.grpc_limits.max_connections + config.http_limits.max_connections < 10_000);
+        assert_eq!(
+            config.timeouts,
+            Timeouts {
+                handshake: Duration::from_secs(10),
+                header_read: Duration::from_secs(10),
+                body_read: Duration::from_secs(10),
+                idle: Duration::from_secs(120),
+                keepalive_interval: Duration::from_secs(30),
+                keepalive_timeout: Duration::from_secs(10),
+                request: Duration::from_secs(60),
+            }
+        );
+    }
+
     #[test]
     fn file_then_environment_then_flags_override_each_other() {
         let file = "grpc:\n  port: 1000\nhttp:\n  port: 2000\nname: from-file\nredis:\n  urls: [redis://a:6379, redis://b:6379]\n";
@@ -896,6 +1089,21 @@ mod tests {
             ),
             ("EA_REDIS_SERVER_TIMEOUT", "0ms", "longer than zero"),
             ("EA_REDIS_REPLICA_ACKS", "many", "number of replicas"),
+            ("EA_GRPC_MAX_CONNECTIONS", "0", "1..=1000000"),
+            ("EA_HTTP_MAX_WATCH_STREAMS", "lots", "1..=1000000"),
+            ("EA_IDLE_TIMEOUT", "0s", "longer than zero"),
+            ("EA_HEADER_READ_TIMEOUT", "soon", "duration"),
+            ("EA_REQUEST_TIMEOUT", "1s", "EA_REDIS_OPERATION_TIMEOUT"),
+            (
+                "EA_GRPC_MAX_OBSERVE_STREAMS_PER_CONNECTION",
+                "1000",
+                "EA_GRPC_MAX_CONCURRENT_STREAMS",
+            ),
+            (
+                "EA_HTTP_MAX_WATCH_STREAMS_PER_CONNECTION",
+                "200",
+                "EA_HTTP_MAX_CONCURRENT_STREAMS",
+            ),
         ];
         for (key, value, allowed) in cases {
             let err = Sources::default()
@@ -932,6 +1140,13 @@ mod tests {
             "EA_REDIS_MASTER",
         );
         refused(&[("EA_HTTP_ENABLE", "false")], "EA_METRIC_ENABLE");
+        refused(
+            &[
+                ("EA_GRPC_MAX_OBSERVE_STREAMS", "10"),
+                ("EA_GRPC_MAX_OBSERVE_STREAMS_PER_CONNECTION", "20"),
+            ],
+            "EA_GRPC_MAX_OBSERVE_STREAMS_PER_CONNECTION",
+        );
         refused(
             &[
                 ("EA_REDIS_MASTER", "mymaster"),
@@ -1014,53 +1229,6 @@ mod tests {
     }
 
     #[test]
-    fn every_setting_has_a_unique_key_path_and_flag() {
-        use std::collections::HashSet;
-        let (mut keys, mut paths, mut flags) = (HashSet::new(), HashSet::new(), HashSet::new());
-        for setting in SETTINGS {
-            assert!(setting.key.starts_with("EA_"), "{}", setting.key);
-            assert!(keys.insert(setting.key), "{}", setting.key);
-            assert!(paths.insert(setting.path), "{}", setting.path);
-            assert!(flags.insert(setting.flag()), "{}", setting.flag());
-        }
-    }
-
-    #[test]
-    fn the_readme_configuration_table_matches_the_settings() {
-        let readme =
-            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-                .unwrap();
-        let table = markdown_table();
-        assert!(
-            readme.contains(&table),
-            "README.md's configuration table is out of date; replace it with:\n{table}"
-        );
-    }
-
-    #[test]
-    fn every_example_file_is_valid() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-        for (file, mode, urls) in [
-            ("redis.yaml", StoreMode::Single, 1),
-            ("redlock.yaml", StoreMode::Single, 3),
-            ("sentinel.yaml", StoreMode::Failover, 3),
-            ("cluster.yaml", StoreMode::Cluster, 1),
-            ("sharding.yaml", StoreMode::Sharding, 3),
-        ] {
-            let config = Sources::default()
-                .read_file(&dir.join(file))
-                .unwrap()
-                .resolve()
-                .unwrap_or_else(|err| panic!("{file}: {err}"));
-            assert_eq!(
-                (config.store.mode, config.store.urls.len()),
-                (mode, urls),
-                "{file}"
-            );
-        }
-    }
-
-    #[test]
     fn authentication_is_off_by_default_and_a_policy_or_protected_metrics_need_it() {
         let config = Config::default();
         assert!(!config.auth.enabled());
@@ -1112,6 +1280,53 @@ mod tests {
             .resolve()
             .unwrap_err();
         assert!(err.to_string().contains("EA_AUTH_AUDIENCE"), "{err}");
+    }
+
+    #[test]
+    fn every_setting_has_a_unique_key_path_and_flag() {
+        use std::collections::HashSet;
+        let (mut keys, mut paths, mut flags) = (HashSet::new(), HashSet::new(), HashSet::new());
+        for setting in SETTINGS {
+            assert!(setting.key.starts_with("EA_"), "{}", setting.key);
+            assert!(keys.insert(setting.key), "{}", setting.key);
+            assert!(paths.insert(setting.path), "{}", setting.path);
+            assert!(flags.insert(setting.flag()), "{}", setting.flag());
+        }
+    }
+
+    #[test]
+    fn the_readme_configuration_table_matches_the_settings() {
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+                .unwrap();
+        let table = markdown_table();
+        assert!(
+            readme.contains(&table),
+            "README.md's configuration table is out of date; replace it with:\n{table}"
+        );
+    }
+
+    #[test]
+    fn every_example_file_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        for (file, mode, urls) in [
+            ("redis.yaml", StoreMode::Single, 1),
+            ("redlock.yaml", StoreMode::Single, 3),
+            ("sentinel.yaml", StoreMode::Failover, 3),
+            ("cluster.yaml", StoreMode::Cluster, 1),
+            ("sharding.yaml", StoreMode::Sharding, 3),
+        ] {
+            let config = Sources::default()
+                .read_file(&dir.join(file))
+                .unwrap()
+                .resolve()
+                .unwrap_or_else(|err| panic!("{file}: {err}"));
+            assert_eq!(
+                (config.store.mode, config.store.urls.len()),
+                (mode, urls),
+                "{file}"
+            );
+        }
     }
 
     #[test]

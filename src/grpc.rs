@@ -15,6 +15,7 @@ use crate::{
         mapping::{PodInfo, PodStatusInfo, ReplicaSetInfo},
     },
     election::{ElectionError, ElectionService, EventKind, LeaderEvent},
+    transport::StreamSlots,
 };
 
 /// The code generated from `proto/election_agent/v1/election_agent.proto`.
@@ -314,15 +315,21 @@ impl pb::election_server::Election for ElectionGrpc {
         &self,
         request: Request<pb::ObserveRequest>,
     ) -> Result<Response<Self::ObserveStream>, Status> {
+        let slots = request.extensions().get::<StreamSlots>().cloned();
         let r = authorized(request, Verb::Watch, |r| {
             Target::election(&r.kind, &r.election)
         })?;
+        // Held by the stream: its slot is free again once the client is gone.
+        let slot = slots.map(|slots| slots.acquire()).transpose()?;
         let events = self
             .service
             .observe(&r.kind, &r.election)
             .await
             .map_err(status)?;
-        let events = events.map(|event| Ok(event_message(event)));
+        let events = events.map(move |event| {
+            let _slot = &slot;
+            Ok(event_message(event))
+        });
         Ok(Response::new(Box::pin(events)))
     }
 }

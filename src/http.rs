@@ -10,7 +10,7 @@
 use std::{convert::Infallible, sync::Arc};
 
 use axum::{
-    Router,
+    Extension, Router,
     body::Bytes,
     extract::{
         DefaultBodyLimit, FromRequest, FromRequestParts, Request, State,
@@ -32,6 +32,7 @@ use crate::{
     discovery::{DiscoveryError, mapping::PodInfo},
     election::{ElectionError, ElectionService, EventKind, LeaderEvent},
     lease::TermBounds,
+    transport::{StreamSlots, TooManyStreams},
 };
 
 /// Largest request body accepted; larger ones get 413.
@@ -187,6 +188,15 @@ impl From<JsonRejection> for ApiError {
         Self {
             status,
             message: rejection.body_text(),
+        }
+    }
+}
+
+impl From<TooManyStreams> for ApiError {
+    fn from(err: TooManyStreams) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: err.to_string(),
         }
     }
 }
@@ -673,15 +683,22 @@ fn watch_event(event: LeaderEvent) -> sse::Event {
             content_type = "text/event-stream", body = WatchStreamEvent),
         (status = 400, description = "Invalid kind or name", body = ErrorBody),
         (status = 412, description = "Lease store unavailable", body = ErrorBody),
+        (status = 429, description = "The agent, or this HTTP/2 connection, already serves its maximum of watch streams (EA_HTTP_MAX_WATCH_STREAMS, EA_HTTP_MAX_WATCH_STREAMS_PER_CONNECTION)", body = ErrorBody),
     ))]
 async fn watch(
     State(state): State<HttpState>,
     caller: Caller,
+    slots: Option<Extension<StreamSlots>>,
     Path((kind, name)): Path<(String, String)>,
 ) -> Result<sse::Sse<impl Stream<Item = Result<sse::Event, Infallible>>>, ApiError> {
     caller.authorize(Verb::Watch, Target::election(&kind, &name))?;
+    // Held by the stream: its slot is free again once the client is gone.
+    let slot = slots.map(|Extension(slots)| slots.acquire()).transpose()?;
     let events = state.service.observe(&kind, &name).await?;
-    let events = events.map(|event| Ok(watch_event(event)));
+    let events = events.map(move |event| {
+        let _slot = &slot;
+        Ok(watch_event(event))
+    });
     Ok(sse::Sse::new(events).keep_alive(sse::KeepAlive::default()))
 }
 

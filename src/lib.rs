@@ -10,6 +10,7 @@
 //! * [`auth`] — who may call the API: bearer tokens, the authorization policy;
 //! * [`grpc`], [`http`] — thin adapters for the wire protocols;
 //! * [`config`], [`metrics`], [`server`] — configuration, Prometheus metrics, process wiring;
+//! * [`transport`] — connections of both ports: caps, timeouts, stream limits;
 //! * [`client`], [`bench`] — the command-line gRPC client and the load generator.
 // No unsafe code, except one audited call into the C allocator (`server::trim_heap`).
 #![deny(unsafe_code)]
@@ -28,3 +29,4 @@ pub mod metrics;
 pub mod operator;
 pub mod server;
 pub mod store;
+pub mod transport;

@@ -7,10 +7,8 @@
 
 use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::serve::ListenerExt;
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::{net::TcpListener, task::JoinSet};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::{
     pb::{
@@ -19,6 +17,7 @@ use tonic_health::{
     },
     server::{HealthReporter, HealthService},
 };
+use tower::Layer;
 
 use crate::{
     auth::{self, AuthLayer, Authentication},
@@ -31,6 +30,7 @@ use crate::{
     metrics::Metrics,
     operator::{self, OperatorMetrics},
     store::{MemoryStore, RedisStore, Store, redis::EndpointError},
+    transport::{self, Churn, Protocol},
 };
 
 /// Health service names reported besides the `Election` service: the overall status (`""`) and
@@ -47,6 +47,9 @@ const READINESS_INTERVAL: Duration = Duration::from_secs(1);
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
 /// How many entries housekeeping must have forgotten at once for the heap to be trimmed.
 const TRIM_AFTER_FORGETTING: usize = 1_000;
+/// How many connections must have closed, or Observe/watch streams ended, since the last look
+/// for the heap to be trimmed.
+const TRIM_AFTER_CLOSING: usize = 1_000;
 
 /// The health reporter, and a lock that keeps readiness updates from landing after shutdown
 /// has reported NOT_SERVING.
@@ -223,7 +226,13 @@ async fn start_with(
         );
     }
 
-    servers.spawn(housekeeping(service.clone(), shutdown.clone()));
+    let churn = Arc::new(Churn::default());
+    warn_if_descriptors_short(config);
+    servers.spawn(housekeeping(
+        service.clone(),
+        Arc::clone(&churn),
+        shutdown.clone(),
+    ));
     servers.spawn(follow_readiness(
         service.clone(),
         health.clone(),
@@ -253,25 +262,19 @@ async fn start_with(
             what: "gRPC",
             message: err.to_string(),
         };
-        let router = tonic::transport::Server::builder()
-            .layer(AuthLayer::grpc(authentication.clone()))
-            .add_service(health_service)
+        let routes = tonic::service::Routes::new(health_service)
             .add_service(reflection().build_v1().map_err(reflection_error)?)
             .add_service(reflection().build_v1alpha().map_err(reflection_error)?)
-            .add_service(ElectionGrpc::new(service.clone()));
-        let stop = shutdown.clone();
-        servers.spawn(async move {
-            router
-                .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(listener).map(|stream| stream.inspect(no_delay)),
-                    stop.cancelled_owned(),
-                )
-                .await
-                .map_err(|err| ServerError::Serve {
-                    what: "gRPC",
-                    message: err.to_string(),
-                })
-        });
+            .add_service(ElectionGrpc::new(service.clone()))
+            .prepare();
+        let routes = AuthLayer::grpc(authentication.clone()).layer(routes);
+        let server = transport::Server::new(
+            Protocol::Grpc,
+            config.grpc_limits,
+            config.timeouts,
+            Arc::clone(&churn),
+        );
+        servers.spawn(server.serve(listener, routes, shutdown.clone()).map(Ok));
         tracing::info!(%address, "gRPC API listening");
         Some(address)
     } else {
@@ -287,16 +290,13 @@ async fn start_with(
         let address = local_address("HTTP", &listener)?;
         let router = http::router(service.clone(), config.metrics_enabled)
             .layer(AuthLayer::http(authentication));
-        let stop = shutdown.clone();
-        servers.spawn(async move {
-            axum::serve(listener.tap_io(|stream| no_delay(stream)), router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-                .map_err(|err| ServerError::Serve {
-                    what: "HTTP",
-                    message: err.to_string(),
-                })
-        });
+        let server = transport::Server::new(
+            Protocol::Http,
+            config.http_limits,
+            config.timeouts,
+            Arc::clone(&churn),
+        );
+        servers.spawn(server.serve(listener, router, shutdown.clone()).map(Ok));
         tracing::info!(%address, "HTTP API listening");
         Some(address)
     } else {
@@ -432,10 +432,12 @@ async fn follow_readiness(
 }
 
 /// Every [`HOUSEKEEPING_INTERVAL`], makes the store forget what it no longer needs (records of
-/// ended leases, old announcements) — and after a burst of names went, hands the memory they took
-/// back to the system, which the allocator would otherwise keep.
+/// ended leases, old announcements) — and after a burst of names went, or of connections or
+/// streams closed (`churn`), hands the memory they took back to the system, which the allocator
+/// would otherwise keep.
 async fn housekeeping(
     service: ElectionService,
+    churn: Arc<Churn>,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
@@ -446,8 +448,13 @@ async fn housekeeping(
             _ = tick.tick() => {}
         }
         let forgotten = service.housekeep();
-        if forgotten >= TRIM_AFTER_FORGETTING {
-            tracing::debug!(forgotten, "forgot old elections; trimming the heap");
+        let closed = churn.take();
+        if forgotten >= TRIM_AFTER_FORGETTING || closed >= TRIM_AFTER_CLOSING {
+            tracing::debug!(
+                forgotten,
+                closed,
+                "forgot old elections or closed connections; trimming the heap"
+            );
             // It takes the allocator's locks for a moment: not on a runtime thread.
             let _ = tokio::task::spawn_blocking(trim_heap).await;
         }
@@ -505,24 +512,38 @@ impl Health for DrainingHealth {
     }
 }
 
-/// Turns Nagle's algorithm off on an accepted connection. Tonic ignores its own `tcp_nodelay`
-/// with an incoming stream, and axum does not set it: without this, a response of more than one
-/// segment waits for the client's delayed ACK (40 ms on Linux), which the benchmark showed as
-/// 45 ms latencies for GetPods.
-fn no_delay(stream: &tokio::net::TcpStream) {
-    if let Err(err) = stream.set_nodelay(true) {
-        tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+/// Warns when the process may open fewer files than both ports' connection caps and what the
+/// agent needs besides: a flood would then end in failed accepts (each closing an idle
+/// connection) instead of meeting the cap.
+fn warn_if_descriptors_short(config: &Config) {
+    let caps = [
+        (config.grpc.enable, config.grpc_limits.max_connections),
+        (config.http.enable, config.http_limits.max_connections),
+    ];
+    let needed = caps
+        .iter()
+        .filter(|(enabled, _)| *enabled)
+        .map(|(_, cap)| transport::descriptors_at_cap(*cap))
+        .sum::<usize>()
+        + transport::DESCRIPTOR_RESERVE;
+    if let Some(limit) = transport::descriptor_limit()
+        && limit < needed
+    {
+        tracing::warn!(
+            limit,
+            needed,
+            "the open-file limit is below what EA_GRPC_MAX_CONNECTIONS and \
+             EA_HTTP_MAX_CONNECTIONS may take: raise it (ulimit -n) or lower them"
+        );
     }
 }
 
 async fn bind(what: &'static str, address: SocketAddr) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(address)
-        .await
-        .map_err(|source| ServerError::Bind {
-            what,
-            address,
-            source,
-        })
+    transport::listen(address).map_err(|source| ServerError::Bind {
+        what,
+        address,
+        source,
+    })
 }
 
 fn local_address(what: &'static str, listener: &TcpListener) -> Result<SocketAddr, ServerError> {
