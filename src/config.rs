@@ -113,6 +113,12 @@ settings! {
         "YAML authorization rules (needs authentication); empty: an authenticated caller may do everything but handover";
     "EA_AUTH_METRICS" => "auth.metrics" = "false",
         "with authentication on, /metrics needs a token too (else it stays open, like the probes)";
+    "EA_TLS_CERT_FILE" => "tls.cert_file" = "",
+        "PEM certificate chain both ports serve TLS with (with EA_TLS_KEY_FILE); re-read when it changes; empty: plain TCP";
+    "EA_TLS_KEY_FILE" => "tls.key_file" = "",
+        "PEM private key of EA_TLS_CERT_FILE";
+    "EA_TLS_CLIENT_CA_FILE" => "tls.client_ca_file" = "",
+        "PEM CA certificates: clients must present a certificate they signed, whose subject (CN, else first DNS name) is the caller's identity; empty: no client certificates";
     "EA_REDIS_MODE" => "redis.mode" = "",
         "memory|single|failover|cluster|sharding; empty: memory without EA_REDIS_URLS, else single";
     "EA_REDIS_URLS" => "redis.urls" = "",
@@ -136,7 +142,7 @@ settings! {
     "EA_REQUEST_TIMEOUT" => "request_timeout" = "60s",
         "longest a request may take to be answered (Observe and watch: their first event), then DEADLINE_EXCEEDED / 503; at least EA_REDIS_OPERATION_TIMEOUT";
     "EA_HANDSHAKE_TIMEOUT" => "connection.handshake_timeout" = "10s",
-        "a new connection must send its first bytes (the HTTP/2 preface, or an HTTP/1 request line) within this, else it is closed";
+        "a new connection must finish its TLS handshake (with EA_TLS_*) and send its first bytes (the HTTP/2 preface, or an HTTP/1 request line) within this, else it is closed";
     "EA_HEADER_READ_TIMEOUT" => "connection.header_read_timeout" = "10s",
         "HTTP/1: a request's headers must arrive within this from its first byte, else the connection is closed (slowloris)";
     "EA_BODY_READ_TIMEOUT" => "connection.body_read_timeout" = "10s",
@@ -269,7 +275,7 @@ pub struct PortLimits {
 /// How long a connection or a request may take at each step before it is closed or failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
-    /// From accepting a connection to its first bytes.
+    /// From accepting a connection to its first bytes, TLS handshake included.
     pub handshake: Duration,
     /// HTTP/1: from a request's first byte to the end of its headers.
     pub header_read: Duration,
@@ -335,6 +341,17 @@ pub struct StoreConfig {
     pub retention: Duration,
 }
 
+/// `EA_TLS_*`: the files both ports serve TLS with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, PEM, the server's own first.
+    pub cert: PathBuf,
+    /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA certificates, PEM: client certificates are required and must chain to one of them.
+    pub client_ca: Option<PathBuf>,
+}
+
 /// `EA_AUTH_*`: who may call the API. Authentication is on when a token source is set.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AuthConfig {
@@ -392,6 +409,8 @@ pub struct Config {
     pub controller_enabled: bool,
     /// `EA_CONTROLLER_TERM`.
     pub controller_term: Duration,
+    /// `EA_TLS_*` (none: plain TCP).
+    pub tls: Option<TlsFiles>,
     /// `EA_AUTH_*`.
     pub auth: AuthConfig,
     /// `EA_REDIS_*` and `EA_KEY_PREFIX`.
@@ -810,6 +829,7 @@ impl Values {
             kube_namespaces: self.get("EA_KUBE_NAMESPACES", namespaces)?,
             controller_enabled: self.get("EA_CONTROLLER_ENABLE", boolean)?,
             controller_term: self.get("EA_CONTROLLER_TERM", positive_duration)?,
+            tls: self.tls()?,
             auth: self.auth()?,
             store: StoreConfig {
                 mode,
@@ -828,6 +848,35 @@ impl Values {
 }
 
 impl Values {
+    /// `EA_TLS_*`: a certificate needs its key and the other way round, and client certificates
+    /// need TLS.
+    fn tls(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        let file = |v: &str| Ok((!v.is_empty()).then(|| PathBuf::from(v)));
+        let cert = self.get("EA_TLS_CERT_FILE", file)?;
+        let key = self.get("EA_TLS_KEY_FILE", file)?;
+        let client_ca = self.get("EA_TLS_CLIENT_CA_FILE", file)?;
+        match (cert, key) {
+            (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+                cert,
+                key,
+                client_ca,
+            })),
+            (Some(_), None) => Err(self.conflict(
+                "EA_TLS_CERT_FILE",
+                "needs its private key: set EA_TLS_KEY_FILE too".into(),
+            )),
+            (None, Some(_)) => Err(self.conflict(
+                "EA_TLS_KEY_FILE",
+                "needs its certificate: set EA_TLS_CERT_FILE too".into(),
+            )),
+            (None, None) if client_ca.is_some() => Err(self.conflict(
+                "EA_TLS_CLIENT_CA_FILE",
+                "client certificates need TLS: set EA_TLS_CERT_FILE and EA_TLS_KEY_FILE".into(),
+            )),
+            (None, None) => Ok(None),
+        }
+    }
+
     /// `EA_AUTH_*`. A policy, or a protected `/metrics`, without a way to authenticate would
     /// leave every request refused (or the setting silently ignored): refused.
     fn auth(&self) -> Result<AuthConfig, ConfigError> {
@@ -1153,6 +1202,54 @@ mod tests {
                 ("EA_REDIS_URLS", "redis://r:6379"),
             ],
             "EA_REDIS_MASTER",
+        );
+    }
+
+    #[test]
+    fn tls_takes_a_certificate_with_its_key_and_client_certificates_only_with_both() {
+        let refused = |pairs: &[(&str, &str)], key: &str, says: &str| {
+            let err = Sources::default()
+                .environment(env(pairs))
+                .resolve()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("invalid configuration: {key}=")),
+                "{err}"
+            );
+            assert!(err.contains(says), "{err} should say {says}");
+        };
+        refused(
+            &[("EA_TLS_CERT_FILE", "tls.crt")],
+            "EA_TLS_CERT_FILE",
+            "set EA_TLS_KEY_FILE",
+        );
+        refused(
+            &[("EA_TLS_KEY_FILE", "tls.key")],
+            "EA_TLS_KEY_FILE",
+            "set EA_TLS_CERT_FILE",
+        );
+        refused(
+            &[("EA_TLS_CLIENT_CA_FILE", "ca.crt")],
+            "EA_TLS_CLIENT_CA_FILE",
+            "EA_TLS_CERT_FILE and EA_TLS_KEY_FILE",
+        );
+        assert_eq!(Config::default().tls, None);
+        let config = Sources::default()
+            .file(
+                "agent.yaml",
+                "tls:\n  cert_file: tls.crt\n  key_file: tls.key\n",
+            )
+            .environment(env(&[("EA_TLS_CLIENT_CA_FILE", "ca.crt")]))
+            .resolve()
+            .unwrap();
+        assert_eq!(
+            config.tls,
+            Some(TlsFiles {
+                cert: "tls.crt".into(),
+                key: "tls.key".into(),
+                client_ca: Some("ca.crt".into()),
+            })
         );
     }
 

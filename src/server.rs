@@ -30,7 +30,7 @@ use crate::{
     metrics::Metrics,
     operator::{self, OperatorMetrics},
     store::{MemoryStore, RedisStore, Store, redis::EndpointError},
-    transport::{self, Churn, Protocol},
+    transport::{self, Churn, Protocol, Tls, TlsError},
 };
 
 /// Health service names reported besides the `Election` service: the overall status (`""`) and
@@ -88,6 +88,9 @@ pub enum ServerError {
     /// Authentication could not be set up (a tokens or policy file).
     #[error(transparent)]
     Auth(#[from] auth::LoadError),
+    /// The TLS files cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// A server failed while serving.
     #[error("{what} server failed: {message}")]
     Serve {
@@ -273,9 +276,10 @@ async fn start_with(
             config.grpc_limits,
             config.timeouts,
             Arc::clone(&churn),
-        );
+        )
+        .with_tls(tls(config, Protocol::Grpc)?);
         servers.spawn(server.serve(listener, routes, shutdown.clone()).map(Ok));
-        tracing::info!(%address, "gRPC API listening");
+        tracing::info!(%address, tls = config.tls.is_some(), "gRPC API listening");
         Some(address)
     } else {
         None
@@ -295,9 +299,10 @@ async fn start_with(
             config.http_limits,
             config.timeouts,
             Arc::clone(&churn),
-        );
+        )
+        .with_tls(tls(config, Protocol::Http)?);
         servers.spawn(server.serve(listener, router, shutdown.clone()).map(Ok));
-        tracing::info!(%address, "HTTP API listening");
+        tracing::info!(%address, tls = config.tls.is_some(), "HTTP API listening");
         Some(address)
     } else {
         None
@@ -510,6 +515,14 @@ impl Health for DrainingHealth {
         };
         Ok(tonic::Response::new(Box::pin(statuses.take_until(closing))))
     }
+}
+
+/// A port's TLS, from `EA_TLS_*` (none without).
+fn tls(config: &Config, protocol: Protocol) -> Result<Option<Arc<Tls>>, ServerError> {
+    let Some(files) = &config.tls else {
+        return Ok(None);
+    };
+    Ok(Some(Arc::new(Tls::load(files.clone(), protocol.alpn())?)))
 }
 
 /// Warns when the process may open fewer files than both ports' connection caps and what the

@@ -13,6 +13,10 @@
 //! A response must start within the request timeout, which therefore bounds unary requests
 //! whole and Observe/watch streams only until their first event. Those long-lived streams take a
 //! [`StreamSlots`] permit, limited per port and per connection.
+//!
+//! With TLS ([`Tls`]), the handshake comes first, within the handshake timeout, and a verified
+//! client certificate's identity ([`PeerIdentity`]) goes into the extensions of every request of
+//! its connection, next to the [`StreamSlots`].
 
 use std::{
     convert::Infallible,
@@ -35,13 +39,17 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{TcpListener, TcpSocket, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{PortLimits, Timeouts};
+
+mod tls;
+
+pub use tls::{PeerIdentity, Tls, TlsError};
 
 /// Errors of request and response bodies.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -87,6 +95,14 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// The application protocols its TLS handshake offers, most preferred first.
+    pub fn alpn(self) -> &'static [&'static [u8]] {
+        match self {
+            Protocol::Grpc => &[b"h2"],
+            Protocol::Http => &[b"h2", b"http/1.1"],
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Protocol::Grpc => "gRPC",
@@ -234,6 +250,7 @@ pub struct Server {
     limits: PortLimits,
     timeouts: Timeouts,
     churn: Arc<Churn>,
+    tls: Option<Arc<Tls>>,
 }
 
 impl Server {
@@ -250,7 +267,13 @@ impl Server {
             limits,
             timeouts,
             churn,
+            tls: None,
         }
+    }
+
+    /// Serves TLS only, with `tls`'s files (plain TCP with `None`).
+    pub fn with_tls(self, tls: Option<Arc<Tls>>) -> Self {
+        Self { tls, ..self }
     }
 
     /// Serves `service` on `listener` until `shutdown`; then stops accepting, lets every
@@ -284,6 +307,7 @@ impl Server {
             next_id: AtomicU64::new(0),
             event_streams: Arc::new(Semaphore::new(self.limits.max_event_streams)),
             churn: self.churn,
+            tls: self.tls,
             shutdown,
             at_cap: RateLimited::default(),
             accept_failed: RateLimited::default(),
@@ -383,6 +407,7 @@ struct Port {
     next_id: AtomicU64,
     event_streams: Arc<Semaphore>,
     churn: Arc<Churn>,
+    tls: Option<Arc<Tls>>,
     shutdown: CancellationToken,
     at_cap: RateLimited,
     accept_failed: RateLimited,
@@ -597,7 +622,7 @@ impl Port {
     /// Serves one accepted connection until it closes.
     async fn connection<S, B>(
         self: Arc<Self>,
-        mut stream: TcpStream,
+        stream: TcpStream,
         connection: Arc<Connection>,
         service: S,
     ) where
@@ -618,36 +643,113 @@ impl Port {
             // ACK (40 ms on Linux).
             tracing::debug!(error = %err, "cannot set TCP_NODELAY");
         }
-        let first_bytes = tokio::select! {
-            first = tokio::time::timeout(self.timeouts.handshake, sniff(&mut stream)) => first,
+        let handshaken = tokio::select! {
+            handshaken = tokio::time::timeout(self.timeouts.handshake, self.handshake(stream)) => handshaken,
             () = connection.evict.cancelled() => Ok(Err(io::ErrorKind::ConnectionAborted.into())),
             () = self.shutdown.cancelled() => Ok(Err(io::ErrorKind::ConnectionAborted.into())),
         };
-        let (prefix, http2) = match first_bytes {
-            Ok(Ok(first)) => first,
+        match handshaken {
+            Ok(Ok(Handshaken::Plain(io, first))) => {
+                self.serve_io(io, first, None, &connection, service).await;
+            }
+            Ok(Ok(Handshaken::Tls(io, first, identity))) => {
+                self.serve_io(io, first, identity, &connection, service)
+                    .await;
+            }
             Ok(Err(err)) => {
-                tracing::debug!(port = self.protocol.name(), error = %err, "connection closed before its first bytes");
-                return;
+                tracing::debug!(port = self.protocol.name(), error = %err, "connection closed before it started");
             }
             Err(_) => {
                 tracing::debug!(
                     port = self.protocol.name(),
-                    "no first bytes within the handshake timeout: connection closed"
+                    "no first bytes or TLS handshake within the handshake timeout: connection closed"
                 );
-                return;
             }
+        }
+    }
+
+    /// Reads what starts a connection: its TLS handshake, if the port speaks TLS, and the first
+    /// bytes that tell HTTP/2 from HTTP/1 (unless ALPN told already).
+    async fn handshake(&self, mut stream: TcpStream) -> io::Result<Handshaken> {
+        let Some(tls) = &self.tls else {
+            let first = sniff(&mut stream).await?;
+            return Ok(Handshaken::Plain(stream, first));
         };
+        let mut record = [0; 1];
+        if stream.peek(&mut record).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        // Every TLS connection opens with a handshake record (content type 22).
+        if record[0] != 0x16 {
+            if self.protocol == Protocol::Http {
+                let body = r#"{"message":"this port speaks TLS only: use https://"}"#;
+                let refusal = format!(
+                    "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
+                     connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(refusal.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "plain text on a TLS port",
+            ));
+        }
+        let mut stream = tokio_rustls::TlsAcceptor::from(tls.config())
+            .accept(stream)
+            .await?;
+        let (_, session) = stream.get_ref();
+        let identity = session
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(tls::identity);
+        let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+        let first = match alpn.as_deref() {
+            Some(b"h2") => First {
+                prefix: Bytes::new(),
+                http2: true,
+            },
+            Some(b"http/1.1") => First {
+                prefix: Bytes::new(),
+                http2: false,
+            },
+            _ => sniff(&mut stream).await?,
+        };
+        Ok(Handshaken::Tls(Box::new(stream), first, identity))
+    }
+
+    /// Serves a started connection with hyper, HTTP/2 or HTTP/1, until it closes.
+    async fn serve_io<T, S, B>(
+        self: &Arc<Self>,
+        io: T,
+        first: First,
+        identity: Option<PeerIdentity>,
+        connection: &Arc<Connection>,
+        service: S,
+    ) where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: tower::Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let First { prefix, http2 } = first;
         let io = TokioIo::new(Io::new(
-            stream,
+            io,
             prefix,
-            Arc::clone(&self),
-            Arc::clone(&connection),
+            Arc::clone(self),
+            Arc::clone(connection),
             !http2,
         ));
         let service = ConnectionService {
             service,
-            port: Arc::clone(&self),
-            connection: Arc::clone(&connection),
+            port: Arc::clone(self),
+            connection: Arc::clone(connection),
+            identity,
         };
         if http2 {
             let mut builder = http2::Builder::new(TokioExecutor::new());
@@ -664,7 +766,7 @@ impl Port {
             self.watch(
                 conn,
                 |conn| conn.get_mut().as_mut().graceful_shutdown(),
-                &connection,
+                connection,
                 false,
             )
             .await;
@@ -676,7 +778,7 @@ impl Port {
             self.watch(
                 conn,
                 |conn| conn.get_mut().as_mut().graceful_shutdown(),
-                &connection,
+                connection,
                 true,
             )
             .await;
@@ -774,9 +876,27 @@ impl Drop for Registered<'_> {
     }
 }
 
+/// A connection whose start was read: plain, or TLS with the client certificate's identity.
+enum Handshaken {
+    Plain(TcpStream, First),
+    Tls(
+        Box<tokio_rustls::server::TlsStream<TcpStream>>,
+        First,
+        Option<PeerIdentity>,
+    ),
+}
+
+/// What a connection's first bytes said.
+struct First {
+    /// The bytes read to tell, to be read again by hyper.
+    prefix: Bytes,
+    /// Whether it speaks HTTP/2.
+    http2: bool,
+}
+
 /// Reads a connection's first bytes to tell HTTP/2 (its preface) from HTTP/1, as hyper-util's
-/// automatic builder does: (the bytes read, whether it is HTTP/2).
-async fn sniff<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<(Bytes, bool)> {
+/// automatic builder does.
+async fn sniff<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<First> {
     let mut first = [0; H2_PREFACE.len()];
     let mut read = 0;
     while read < first.len() {
@@ -786,10 +906,16 @@ async fn sniff<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<(Bytes, bool)> {
         }
         read += n;
         if first[..read] != H2_PREFACE[..read] {
-            return Ok((Bytes::copy_from_slice(&first[..read]), false));
+            return Ok(First {
+                prefix: Bytes::copy_from_slice(&first[..read]),
+                http2: false,
+            });
         }
     }
-    Ok((Bytes::copy_from_slice(&first), true))
+    Ok(First {
+        prefix: Bytes::copy_from_slice(&first),
+        http2: true,
+    })
 }
 
 /// A connection's bytes: those the sniffing read first, then the socket's. On HTTP/1 it notes
@@ -927,6 +1053,7 @@ struct ConnectionService<S> {
     service: S,
     port: Arc<Port>,
     connection: Arc<Connection>,
+    identity: Option<PeerIdentity>,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for ConnectionService<S>
@@ -949,6 +1076,9 @@ where
         request
             .extensions_mut()
             .insert(self.connection.streams.clone());
+        if let Some(identity) = &self.identity {
+            request.extensions_mut().insert(identity.clone());
+        }
         let (protocol, timeouts) = (self.port.protocol, self.port.timeouts);
         let request = request.map(|body| RequestBody::new(body, protocol, timeouts.body_read));
         let mut service = self.service.clone();

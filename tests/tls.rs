@@ -1,0 +1,470 @@
+//! TLS on both ports, with certificates made here (rcgen): plain connections refused, TLS
+//! served, client certificates required and naming the caller, certificate files rotated under
+//! open connections.
+
+use std::{
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use axum::{Extension, Router, routing};
+use election_agent::{
+    config::{PortLimits, Sources, Timeouts, TlsFiles},
+    grpc::pb::{self, election_client::ElectionClient},
+    server::{self, RunningAgent},
+    transport::{self, Churn, PeerIdentity, Protocol, Tls},
+};
+use hyper_util::rt::TokioIo;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+};
+use rustls::{
+    ClientConfig, RootCertStore,
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tokio_rustls::{TlsConnector, client::TlsStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+/// A certificate authority of a test's own.
+struct Authority {
+    certificate: CertificateDer<'static>,
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Authority {
+    fn new(name: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let certificate = params.self_signed(&key).unwrap();
+        Self {
+            certificate: certificate.der().clone(),
+            pem: certificate.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate for `localhost` and 127.0.0.1 (server) or named `common_name` (client):
+    /// (its PEM, its key's PEM, its DER).
+    fn issue(&self, common_name: &str, client: bool) -> (String, String, CertificateDer<'static>) {
+        let names = if client {
+            vec![]
+        } else {
+            vec!["localhost".to_owned(), "127.0.0.1".to_owned()]
+        };
+        let mut params = CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.extended_key_usages = vec![if client {
+            ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let key = KeyPair::generate().unwrap();
+        let certificate = params.signed_by(&key, &self.issuer).unwrap();
+        (
+            certificate.pem(),
+            key.serialize_pem(),
+            certificate.der().clone(),
+        )
+    }
+}
+
+/// A directory of a test's own, removed when dropped.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ea-tls-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    /// Writes `text` to `name` at once (a new file renamed over the old, as a Secret update is).
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        let staged = self.0.join(format!(".{name}.new"));
+        std::fs::write(&staged, text).unwrap();
+        std::fs::rename(&staged, &path).unwrap();
+        path
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Server certificate files of `authority` in `dir`; the certificate's DER.
+fn server_files(dir: &Dir, authority: &Authority, name: &str) -> CertificateDer<'static> {
+    let (cert, key, der) = authority.issue(name, false);
+    dir.write("tls.key", &key);
+    dir.write("tls.crt", &cert);
+    der
+}
+
+async fn start(dir: &Dir, client_ca: Option<&Path>) -> RunningAgent {
+    let mut sources = Sources::default()
+        .flag("EA_BIND_ADDRESS", "127.0.0.1")
+        .flag("EA_GRPC_PORT", "0")
+        .flag("EA_HTTP_PORT", "0")
+        .flag("EA_KUBE_ENABLE", "false")
+        .flag(
+            "EA_TLS_CERT_FILE",
+            dir.0.join("tls.crt").display().to_string(),
+        )
+        .flag(
+            "EA_TLS_KEY_FILE",
+            dir.0.join("tls.key").display().to_string(),
+        );
+    if let Some(ca) = client_ca {
+        sources = sources.flag("EA_TLS_CLIENT_CA_FILE", ca.display().to_string());
+    }
+    server::start(&sources.resolve().unwrap()).await.unwrap()
+}
+
+async fn stop(agent: RunningAgent) {
+    agent.shutdown().await;
+    agent.wait().await.unwrap();
+}
+
+/// A client trusting `authority`, presenting `certificate` if given, offering `alpn`.
+fn client(
+    authority: &Authority,
+    certificate: Option<(String, String)>,
+    alpn: &[u8],
+) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots.add(authority.certificate.clone()).unwrap();
+    let builder =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+    let mut config = match certificate {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            use rustls::pki_types::pem::PemObject;
+            let chain = vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
+            let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Arc::new(config)
+}
+
+async fn tls_connect(
+    address: SocketAddr,
+    config: Arc<ClientConfig>,
+) -> io::Result<TlsStream<TcpStream>> {
+    let stream = TcpStream::connect(address).await?;
+    TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost").unwrap(), stream)
+        .await
+}
+
+/// The certificate the server presented on `stream`.
+fn server_certificate(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    stream.get_ref().1.peer_certificates().unwrap()[0].clone()
+}
+
+/// Sends `GET path` on `stream` (keep-alive) and reads one response: (status, body).
+async fn get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    path: &str,
+) -> io::Result<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    let mut buf = [0; 4096];
+    let read = async {
+        loop {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            response.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&response);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length: "))
+                    .and_then(|n| n.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    return Ok((head[9..12].parse().unwrap(), body.to_owned()));
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
+}
+
+async fn grpc_channel(address: SocketAddr, config: Arc<ClientConfig>) -> Result<Channel, String> {
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let config = Arc::clone(&config);
+            async move { tls_connect(address, config).await.map(TokioIo::new) }
+        }))
+        .await
+        .map_err(|err| err.to_string())
+}
+
+async fn campaign(channel: Channel) -> Result<bool, tonic::Status> {
+    let won = ElectionClient::new(channel)
+        .campaign(pb::CampaignRequest {
+            election: "tls".into(),
+            candidate: "alice".into(),
+            term: 10_000,
+            kind: String::new(),
+        })
+        .await?;
+    Ok(won.into_inner().elected)
+}
+
+#[tokio::test]
+async fn with_tls_files_both_ports_serve_tls_and_refuse_plain_connections() {
+    let dir = Dir::new("ports");
+    let authority = Authority::new("test CA");
+    server_files(&dir, &authority, "agent");
+    let agent = start(&dir, None).await;
+    let (grpc, http) = (agent.grpc_address.unwrap(), agent.http_address.unwrap());
+
+    let mut plain = TcpStream::connect(http).await.unwrap();
+    let (status, body) = get(&mut plain, "/livez").await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("TLS"), "{body}");
+    let plain_grpc = Channel::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await;
+    let refused = match plain_grpc {
+        Err(_) => true,
+        Ok(channel) => campaign(channel).await.is_err(),
+    };
+    assert!(refused, "plain gRPC was served on a TLS port");
+
+    let mut tls = tls_connect(http, client(&authority, None, b"http/1.1"))
+        .await
+        .unwrap();
+    assert_eq!(get(&mut tls, "/livez").await.unwrap().0, 200);
+    let mut tls_h2c = tls_connect(http, client(&authority, None, b"h2"))
+        .await
+        .unwrap();
+    assert_eq!(tls_h2c.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    tls_h2c.shutdown().await.unwrap();
+    let channel = grpc_channel(grpc, client(&authority, None, b"h2"))
+        .await
+        .unwrap();
+    assert!(campaign(channel).await.unwrap());
+    stop(agent).await;
+}
+
+#[tokio::test]
+async fn with_a_client_ca_only_clients_with_its_certificates_are_served() {
+    let dir = Dir::new("mtls");
+    let authority = Authority::new("test CA");
+    server_files(&dir, &authority, "agent");
+    let clients = Authority::new("clients CA");
+    let ca = dir.write("clients.crt", &clients.pem);
+    let agent = start(&dir, Some(&ca)).await;
+    let (grpc, http) = (agent.grpc_address.unwrap(), agent.http_address.unwrap());
+
+    // Without a certificate: no answer (TLS 1.3 reports the refusal on the first read).
+    let anonymous = async {
+        let mut stream = tls_connect(http, client(&authority, None, b"http/1.1")).await?;
+        get(&mut stream, "/livez").await
+    };
+    assert!(
+        anonymous.await.is_err(),
+        "served a client without a certificate"
+    );
+    assert!(
+        grpc_channel(grpc, client(&authority, None, b"h2"))
+            .await
+            .map(|_| ())
+            .is_err()
+            || {
+                let channel = grpc_channel(grpc, client(&authority, None, b"h2"))
+                    .await
+                    .unwrap();
+                campaign(channel).await.is_err()
+            },
+        "served a gRPC client without a certificate"
+    );
+    // A certificate of another CA: refused too.
+    let (cert, key, _) = authority.issue("mallory", true);
+    let stranger = async {
+        let mut stream =
+            tls_connect(http, client(&authority, Some((cert, key)), b"http/1.1")).await?;
+        get(&mut stream, "/livez").await
+    };
+    assert!(
+        stranger.await.is_err(),
+        "served a certificate of another CA"
+    );
+
+    let (cert, key, _) = clients.issue("alice", true);
+    let mut stream = tls_connect(
+        http,
+        client(&authority, Some((cert.clone(), key.clone())), b"http/1.1"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(get(&mut stream, "/livez").await.unwrap().0, 200);
+    let channel = grpc_channel(grpc, client(&authority, Some((cert, key)), b"h2"))
+        .await
+        .unwrap();
+    assert!(campaign(channel).await.unwrap());
+    stop(agent).await;
+}
+
+#[tokio::test]
+async fn a_verified_client_certificate_names_the_caller_to_request_handlers() {
+    let dir = Dir::new("identity");
+    let authority = Authority::new("test CA");
+    server_files(&dir, &authority, "agent");
+    let clients = Authority::new("clients CA");
+    let ca = dir.write("clients.crt", &clients.pem);
+    let files = TlsFiles {
+        cert: dir.0.join("tls.crt"),
+        key: dir.0.join("tls.key"),
+        client_ca: Some(ca),
+    };
+    let tls = Tls::load(files, Protocol::Http.alpn()).unwrap();
+    // What the authentication layer reads.
+    let router = Router::new().route(
+        "/whoami",
+        routing::get(|identity: Option<Extension<PeerIdentity>>| async move {
+            identity.map_or_else(|| "nobody".to_owned(), |Extension(PeerIdentity(name))| name)
+        }),
+    );
+    let config = Sources::default().resolve().unwrap();
+    let (limits, timeouts): (PortLimits, Timeouts) = (config.http_limits, config.timeouts);
+    let listener = transport::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let address = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let server =
+        transport::Server::new(Protocol::Http, limits, timeouts, Arc::new(Churn::default()))
+            .with_tls(Some(Arc::new(tls)));
+    let serving = tokio::spawn(server.serve(listener, router, shutdown.clone()));
+
+    for name in ["alice", "build-bot.ci.example"] {
+        let (cert, key, _) = clients.issue(name, true);
+        let mut stream = tls_connect(address, client(&authority, Some((cert, key)), b"http/1.1"))
+            .await
+            .unwrap();
+        assert_eq!(
+            get(&mut stream, "/whoami").await.unwrap(),
+            (200, name.to_owned())
+        );
+    }
+    shutdown.cancel();
+    serving.await.unwrap();
+}
+
+#[tokio::test]
+async fn rotated_certificate_files_serve_new_connections_while_open_ones_keep_working() {
+    let dir = Dir::new("rotation");
+    let authority = Authority::new("test CA");
+    let first = server_files(&dir, &authority, "first");
+    let agent = start(&dir, None).await;
+    let (grpc, http) = (agent.grpc_address.unwrap(), agent.http_address.unwrap());
+
+    let mut old = tls_connect(http, client(&authority, None, b"http/1.1"))
+        .await
+        .unwrap();
+    assert_eq!(server_certificate(&old), first);
+    assert_eq!(get(&mut old, "/livez").await.unwrap().0, 200);
+    let old_channel = grpc_channel(grpc, client(&authority, None, b"h2"))
+        .await
+        .unwrap();
+    assert!(campaign(old_channel.clone()).await.unwrap());
+
+    let second = server_files(&dir, &authority, "second");
+    assert_ne!(first, second);
+    let mut rotated = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stream = tls_connect(http, client(&authority, None, b"http/1.1"))
+            .await
+            .unwrap();
+        if server_certificate(&stream) == second {
+            rotated = Some(stream);
+            break;
+        }
+    }
+    let mut new = rotated.expect("new connections still get the old certificate");
+    assert_eq!(get(&mut new, "/livez").await.unwrap().0, 200);
+    let new_grpc = tls_connect(grpc, client(&authority, None, b"h2"))
+        .await
+        .unwrap();
+    assert_eq!(server_certificate(&new_grpc), second);
+
+    // The connections opened before the rotation were not dropped.
+    assert_eq!(get(&mut old, "/livez").await.unwrap().0, 200);
+    assert!(campaign(old_channel).await.unwrap());
+
+    // Files that cannot be used (a key of another certificate) leave the current ones in place.
+    let (_, other_key, _) = authority.issue("third", false);
+    dir.write("tls.key", &other_key);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let stream = tls_connect(http, client(&authority, None, b"http/1.1"))
+        .await
+        .unwrap();
+    assert_eq!(server_certificate(&stream), second);
+    stop(agent).await;
+}
+
+#[tokio::test]
+async fn tls_files_that_cannot_be_used_stop_start_up_naming_the_file() {
+    let dir = Dir::new("unusable");
+    let authority = Authority::new("test CA");
+    let start_with = |cert: &Path, key: &Path| {
+        let config = Sources::default()
+            .flag("EA_BIND_ADDRESS", "127.0.0.1")
+            .flag("EA_GRPC_PORT", "0")
+            .flag("EA_HTTP_PORT", "0")
+            .flag("EA_KUBE_ENABLE", "false")
+            .flag("EA_TLS_CERT_FILE", cert.display().to_string())
+            .flag("EA_TLS_KEY_FILE", key.display().to_string())
+            .resolve()
+            .unwrap();
+        async move { server::start(&config).await.err().map(|e| e.to_string()) }
+    };
+    let missing = dir.0.join("missing.crt");
+    let (cert, _, _) = authority.issue("agent", false);
+    let (_, other_key, _) = authority.issue("other", false);
+    let cert = dir.write("tls.crt", &cert);
+    let key = dir.write("tls.key", &other_key);
+    let not_pem = dir.write("not.pem", "hello");
+
+    let err = start_with(&missing, &key)
+        .await
+        .expect("started without a certificate");
+    assert!(err.contains("missing.crt"), "{err}");
+    let err = start_with(&not_pem, &key)
+        .await
+        .expect("started with no certificate in the file");
+    assert!(err.contains("not.pem"), "{err}");
+    let err = start_with(&cert, &key)
+        .await
+        .expect("started with a key of another certificate");
+    assert!(err.contains("tls.key") && err.contains("match"), "{err}");
+}
