@@ -11,6 +11,8 @@
 # redis-benchmark, redis-cli, jq and curl (installed from Debian's packages when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 CLIENTS=${CLIENTS:-100}          # clients of every benchmark (the issue's figure)
 ITERATIONS=${ITERATIONS:-300}    # per client: 1 + 2 x ITERATIONS requests
@@ -19,7 +21,6 @@ SHARED=${SHARED:-4}              # HTTP/2 connections shared by the clients in t
 POD_ITERATIONS=${POD_ITERATIONS:-2000}
 REDIS_REQUESTS=${REDIS_REQUESTS:-300000}
 
-step() { printf '\n==> %s\n' "$*" >&2; }
 
 missing=()
 for tool in redis-server redis-benchmark redis-cli jq curl; do
@@ -40,26 +41,8 @@ step "building the release binary"
 cargo build --release --locked --quiet
 AGENT=./target/release/election-agent
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
+scratch_and_cleanup
 
-# A loopback port nobody listens on.
-free_port() {
-  local port
-  while :; do
-    port=$((20000 + RANDOM % 30000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      echo "$port"
-      return
-    fi
-  done
-}
 
 # start_redis VAR: starts a Redis server and stores its port in VAR.
 start_redis() {

@@ -18,12 +18,13 @@
 # when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 RETENTION=${RETENTION:-5}   # seconds
 FLOOD=${FLOOD:-100000}      # campaigns on distinct names
 FLOOD_CLIENTS=8
 
-step() { printf '\n==> %s\n' "$*" >&2; }
 
 missing=()
 for tool in redis-server redis-cli jq curl; do
@@ -41,25 +42,8 @@ step "building the release binary"
 cargo build --release --locked --quiet
 AGENT=./target/release/election-agent
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
+scratch_and_cleanup
 
-free_port() {
-  local port
-  while :; do
-    port=$((20000 + RANDOM % 30000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      echo "$port"
-      return
-    fi
-  done
-}
 
 REDIS=$(free_port)
 redis-server --port "$REDIS" --bind 127.0.0.1 --save '' --appendonly no \

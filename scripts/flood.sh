@@ -24,6 +24,8 @@
 # AGENT names one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 CONNECTIONS=${CONNECTIONS:-20000}     # held by the two flood processes together
 FLOOD_SECONDS=${FLOOD_SECONDS:-60}
@@ -34,7 +36,6 @@ FLOOD_NICE=${FLOOD_NICE:-10}
 AGENT_TUNABLES=${AGENT_TUNABLES-glibc.malloc.tcache_count=0}
 PROBE_LIMIT_MS=${PROBE_LIMIT_MS:-100}
 
-step() { printf '\n==> %s\n' "$*" >&2; }
 
 missing=()
 for tool in curl python3; do
@@ -59,26 +60,9 @@ if [ -z "${AGENT:-}" ]; then
   AGENT=./target/release/election-agent
 fi
 
-WORK=$(mktemp -d)
-PIDS=()
+scratch_and_cleanup
 FLOODERS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
 
-free_port() {
-  local port
-  while :; do
-    port=$((20000 + RANDOM % 10000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      echo "$port"
-      return
-    fi
-  done
-}
 
 rss_mb() { awk '/VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 anon_mb() { awk '/RssAnon/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }

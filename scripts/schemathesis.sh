@@ -24,14 +24,14 @@ fi
 
 agent="$PWD/target/debug/election-agent"
 [ -x "$agent" ] || cargo build --locked --quiet
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-grpc=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-log="$(mktemp)"
+scratch_and_cleanup
+port=$(free_port)
+grpc=$(free_port)
+log="$WORK/agent.log"
 EA_KUBE_ENABLE=false EA_BIND_ADDRESS=127.0.0.1 EA_HTTP_PORT="$port" EA_GRPC_PORT="$grpc" \
   EA_ENV=development "$agent" >"$log" 2>&1 &
 pid=$!
-scratch="$(mktemp -d)"
-trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$scratch"' EXIT
+PIDS+=("$pid")
 for _ in $(seq 100); do
   curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
   kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; echo "schemathesis.sh: the agent exited" >&2; exit 1; }
@@ -40,7 +40,7 @@ done
 
 step "schemathesis against http://127.0.0.1:$port/openapi.json"
 # Its cache goes into the working directory: a scratch one, not the repository.
-cd "$scratch"
+cd "$WORK"
 "$venv/bin/schemathesis" run "http://127.0.0.1:$port/openapi.json" \
   --checks all --phases examples,coverage,fuzzing --max-examples 30 --seed 1 \
   --workers 2 --request-timeout 2 --exclude-path-regex '^/kube/'

@@ -210,8 +210,7 @@ async fn apply(election: &Election, ctx: &Context) -> Result<Action, OperatorErr
             })
         };
         let leases = ctx.service.leases();
-        let pod = |pod: &str| Name::parse("pod", pod).map_err(ElectionError::from);
-        let pod_name = pod;
+        let parse_pod = |pod: &str| Name::parse("pod", pod).map_err(ElectionError::from);
         if let Some(command) = decided.command() {
             ctx.leading.check()?;
             ctx.metrics.command(command);
@@ -219,24 +218,26 @@ async fn apply(election: &Election, ctx: &Context) -> Result<Action, OperatorErr
         let done = async {
             match &decided {
                 LeaseAction::Extend(name) => {
-                    let pod = pod(name)?;
+                    let pod = parse_pod(name)?;
                     let token = leases.extend(key, &pod, term).await?;
                     Ok(leading(&pod, token))
                 }
                 LeaseAction::Handover(name) => {
-                    let pod = pod(name)?;
+                    let pod = parse_pod(name)?;
                     // Only over the lease decided on: if it moved meanwhile, read it again.
                     let expected = Expected {
                         leader: current
                             .as_ref()
-                            .map(|lease| pod_name(&lease.leader))
+                            .map(|lease| parse_pod(&lease.leader))
                             .transpose()?,
                         token: current.as_ref().map(|lease| FencingToken(lease.token)),
                     };
                     let token = leases.handover(key, &pod, term, expected).await?;
                     Ok(leading(&pod, token))
                 }
-                LeaseAction::Resign(name) => leases.resign(key, &pod(name)?).await.map(|()| None),
+                LeaseAction::Resign(name) => {
+                    leases.resign(key, &parse_pod(name)?).await.map(|()| None)
+                }
                 LeaseAction::Nothing => Ok(current.clone()),
             }
         }
