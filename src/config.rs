@@ -352,7 +352,8 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
-/// `EA_AUTH_*`: who may call the API. Authentication is on when a token source is set.
+/// `EA_AUTH_*`: who may call the API. Authentication is on when a token source is set, or
+/// client certificates are required (`EA_TLS_CLIENT_CA_FILE`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AuthConfig {
     /// `EA_AUTH_TOKENS_FILE`.
@@ -365,12 +366,15 @@ pub struct AuthConfig {
     pub policy_file: Option<PathBuf>,
     /// `EA_AUTH_METRICS`: `/metrics` needs a token too.
     pub metrics: bool,
+    /// `EA_TLS_CLIENT_CA_FILE` is set: a verified client certificate names the caller of a
+    /// request without a bearer token.
+    pub client_certificates: bool,
 }
 
 impl AuthConfig {
     /// Whether requests must be authenticated.
     pub fn enabled(&self) -> bool {
-        self.tokens_file.is_some() || self.kubernetes
+        self.tokens_file.is_some() || self.kubernetes || self.client_certificates
     }
 }
 
@@ -800,6 +804,9 @@ impl Values {
             request: request_timeout,
         };
 
+        let tls = self.tls()?;
+        let auth = self.auth(tls.as_ref())?;
+
         let min = self.get("EA_LEASE_MIN_TERM", term)?;
         let max = self.get("EA_LEASE_MAX_TERM", term)?;
         if min > max {
@@ -829,8 +836,8 @@ impl Values {
             kube_namespaces: self.get("EA_KUBE_NAMESPACES", namespaces)?,
             controller_enabled: self.get("EA_CONTROLLER_ENABLE", boolean)?,
             controller_term: self.get("EA_CONTROLLER_TERM", positive_duration)?,
-            tls: self.tls()?,
-            auth: self.auth()?,
+            tls,
+            auth,
             store: StoreConfig {
                 mode,
                 urls,
@@ -879,7 +886,7 @@ impl Values {
 
     /// `EA_AUTH_*`. A policy, or a protected `/metrics`, without a way to authenticate would
     /// leave every request refused (or the setting silently ignored): refused.
-    fn auth(&self) -> Result<AuthConfig, ConfigError> {
+    fn auth(&self, tls: Option<&TlsFiles>) -> Result<AuthConfig, ConfigError> {
         let file = |v: &str| Ok((!v.is_empty()).then(|| PathBuf::from(v)));
         let auth = AuthConfig {
             tokens_file: self.get("EA_AUTH_TOKENS_FILE", file)?,
@@ -887,12 +894,13 @@ impl Values {
             audience: self.get("EA_AUTH_AUDIENCE", non_empty)?,
             policy_file: self.get("EA_AUTH_POLICY_FILE", file)?,
             metrics: self.get("EA_AUTH_METRICS", boolean)?,
+            client_certificates: tls.is_some_and(|tls| tls.client_ca.is_some()),
         };
         let needs_authentication = |key| {
             self.conflict(
                 key,
                 "applies to authenticated callers, and authentication is off: set \
-                 EA_AUTH_TOKENS_FILE or EA_AUTH_KUBERNETES=true"
+                 EA_AUTH_TOKENS_FILE, EA_AUTH_KUBERNETES=true or EA_TLS_CLIENT_CA_FILE"
                     .into(),
             )
         };
@@ -1368,10 +1376,23 @@ mod tests {
             assert!(
                 err.starts_with(&format!(
                     "invalid configuration: {key}={value:?} (from the environment): "
-                )) && err.contains("set EA_AUTH_TOKENS_FILE or EA_AUTH_KUBERNETES=true"),
+                )) && err.contains(
+                    "set EA_AUTH_TOKENS_FILE, EA_AUTH_KUBERNETES=true or EA_TLS_CLIENT_CA_FILE"
+                ),
                 "{err}"
             );
         }
+        // Required client certificates name the caller: authentication is on, a policy applies.
+        let certificates = Sources::default()
+            .environment(env(&[
+                ("EA_TLS_CERT_FILE", "/etc/ea/tls.crt"),
+                ("EA_TLS_KEY_FILE", "/etc/ea/tls.key"),
+                ("EA_TLS_CLIENT_CA_FILE", "/etc/ea/clients.crt"),
+                ("EA_AUTH_POLICY_FILE", "/etc/ea/policy.yaml"),
+            ]))
+            .resolve()
+            .unwrap();
+        assert!(certificates.auth.enabled() && certificates.auth.client_certificates);
         let err = Sources::default()
             .environment(env(&[("EA_AUTH_AUDIENCE", "")]))
             .resolve()

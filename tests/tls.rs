@@ -117,6 +117,16 @@ fn server_files(dir: &Dir, authority: &Authority, name: &str) -> CertificateDer<
 }
 
 async fn start(dir: &Dir, client_ca: Option<&Path>) -> RunningAgent {
+    start_with(dir, client_ca, &[]).await
+}
+
+/// An agent serving TLS with the files in `dir`, requiring client certificates of `client_ca`
+/// if given, with `settings` besides.
+async fn start_with(
+    dir: &Dir,
+    client_ca: Option<&Path>,
+    settings: &[(&'static str, String)],
+) -> RunningAgent {
     let mut sources = Sources::default()
         .flag("EA_BIND_ADDRESS", "127.0.0.1")
         .flag("EA_GRPC_PORT", "0")
@@ -132,6 +142,9 @@ async fn start(dir: &Dir, client_ca: Option<&Path>) -> RunningAgent {
         );
     if let Some(ca) = client_ca {
         sources = sources.flag("EA_TLS_CLIENT_CA_FILE", ca.display().to_string());
+    }
+    for (key, value) in settings {
+        sources = sources.flag(key, value.clone());
     }
     server::start(&sources.resolve().unwrap()).await.unwrap()
 }
@@ -187,7 +200,27 @@ async fn get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     stream: &mut S,
     path: &str,
 ) -> io::Result<(u16, String)> {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    request(stream, "GET", path, None, None).await
+}
+
+/// Sends `method path` on `stream` (keep-alive), with `token` as `Authorization: Bearer` and
+/// `body` as JSON if given, and reads one response: (status, body).
+async fn request<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> io::Result<(u16, String)> {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
+    if let Some(token) = token {
+        request += &format!("Authorization: Bearer {token}\r\n");
+    }
+    let body = body.unwrap_or_default();
+    request += &format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
     let mut buf = [0; 4096];
@@ -467,4 +500,300 @@ async fn tls_files_that_cannot_be_used_stop_start_up_naming_the_file() {
         .await
         .expect("started with a key of another certificate");
     assert!(err.contains("tls.key") && err.contains("match"), "{err}");
+}
+
+/// alice may work on `jobs-*` but not hand them over; the ops group may do anything.
+const POLICY: &str = r#"
+rules:
+  - subjects: [alice]
+    kinds: [default]
+    elections: ["jobs-*"]
+    verbs: [get, campaign, extend, resign]
+  - subjects: ["group:ops"]
+    kinds: ["*"]
+    elections: ["*"]
+    verbs: ["*"]
+"#;
+
+/// `message` as a gRPC request carrying `authorization: Bearer token`.
+fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    request
+}
+
+fn campaign_for(election: &str, candidate: &str) -> pb::CampaignRequest {
+    pb::CampaignRequest {
+        election: election.into(),
+        candidate: candidate.into(),
+        term: 60_000,
+        kind: String::new(),
+    }
+}
+
+/// The issue's acceptance, whole: TLS, a tokens file and a policy together. Plain HTTP is
+/// refused; no or a wrong token is 401 / UNAUTHENTICATED; outside the policy 403 /
+/// PERMISSION_DENIED naming verb and election; inside it 200 / OK — over both ports.
+#[tokio::test]
+async fn with_tls_tokens_and_a_policy_both_ports_authenticate_and_authorize_every_request() {
+    let dir = Dir::new("tls-auth");
+    let authority = Authority::new("test CA");
+    server_files(&dir, &authority, "agent");
+    let tokens = dir.write(
+        "tokens.csv",
+        "alice-token,alice,uid-a\nops-token,olga,uid-o,\"ops\"\n",
+    );
+    let policy = dir.write("policy.yaml", POLICY);
+    let agent = start_with(
+        &dir,
+        None,
+        &[
+            ("EA_AUTH_TOKENS_FILE", tokens.display().to_string()),
+            ("EA_AUTH_POLICY_FILE", policy.display().to_string()),
+        ],
+    )
+    .await;
+    let (grpc, http) = (agent.grpc_address.unwrap(), agent.http_address.unwrap());
+    let body = |candidate: &str| format!(r#"{{"candidate":"{candidate}","term":60000}}"#);
+
+    // Plain HTTP, even with a good token: refused before any route is reached.
+    let mut plain = TcpStream::connect(http).await.unwrap();
+    let (status, text) = request(
+        &mut plain,
+        "POST",
+        "/election/default/jobs-1",
+        Some("alice-token"),
+        Some(&body("alice")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("TLS"), "{text}");
+
+    let mut tls = tls_connect(http, client(&authority, None, b"http/1.1"))
+        .await
+        .unwrap();
+    for token in [None, Some("wrong-token")] {
+        let (status, text) = request(
+            &mut tls,
+            "POST",
+            "/election/default/jobs-1",
+            token,
+            Some(&body("alice")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 401, "{token:?}: {text}");
+    }
+    let (status, text) = request(
+        &mut tls,
+        "POST",
+        "/election/default/jobs-1",
+        Some("alice-token"),
+        Some(&body("alice")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains(r#""elected":true"#), "{text}");
+    let (status, text) = request(
+        &mut tls,
+        "PUT",
+        "/election/default/jobs-1",
+        Some("alice-token"),
+        Some(r#"{"leader":"mallory","term":60000}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        text.contains("alice may not handover election default/jobs-1"),
+        "{text}"
+    );
+    let (status, text) = request(
+        &mut tls,
+        "POST",
+        "/election/default/payments",
+        Some("alice-token"),
+        Some(&body("alice")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        text.contains("campaign") && text.contains("payments"),
+        "{text}"
+    );
+    let (status, text) = request(
+        &mut tls,
+        "GET",
+        "/election/default/jobs-1",
+        Some("ops-token"),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("alice"), "{text}");
+
+    // gRPC: plain refused; over TLS the same decisions.
+    let plain_grpc = Channel::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(channel) = plain_grpc {
+        let refused = ElectionClient::new(channel)
+            .campaign(with_token(
+                campaign_for("jobs-2", "alice"),
+                Some("alice-token"),
+            ))
+            .await;
+        assert!(refused.is_err(), "plain gRPC was served: {refused:?}");
+    }
+    let mut client = ElectionClient::new(
+        grpc_channel(grpc, client(&authority, None, b"h2"))
+            .await
+            .unwrap(),
+    );
+    for token in [None, Some("wrong-token")] {
+        let refused = client
+            .campaign(with_token(campaign_for("jobs-2", "alice"), token))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{token:?}");
+    }
+    let refused = client
+        .campaign(with_token(
+            campaign_for("payments", "alice"),
+            Some("alice-token"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert_eq!(
+        refused.message(),
+        "alice may not campaign election default/payments"
+    );
+    let won = client
+        .campaign(with_token(
+            campaign_for("jobs-2", "alice"),
+            Some("alice-token"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(won.elected);
+    let handed = client
+        .handover(with_token(
+            pb::HandoverRequest {
+                election: "jobs-2".into(),
+                leader: "bob".into(),
+                term: 60_000,
+                ..Default::default()
+            },
+            Some("ops-token"),
+        ))
+        .await;
+    assert!(handed.is_ok(), "{handed:?}");
+    stop(agent).await;
+}
+
+/// With client certificates required and no tokens, the certificate names the caller and the
+/// policy applies to that name; a client without a certificate cannot connect at all.
+#[tokio::test]
+async fn with_client_certificates_the_certificate_is_the_identity_the_policy_judges() {
+    let dir = Dir::new("mtls-auth");
+    let authority = Authority::new("test CA");
+    server_files(&dir, &authority, "agent");
+    let clients = Authority::new("clients CA");
+    let ca = dir.write("clients.crt", &clients.pem);
+    let policy = dir.write("policy.yaml", POLICY);
+    let agent = start_with(
+        &dir,
+        Some(&ca),
+        &[("EA_AUTH_POLICY_FILE", policy.display().to_string())],
+    )
+    .await;
+    let (grpc, http) = (agent.grpc_address.unwrap(), agent.http_address.unwrap());
+
+    let anonymous = async {
+        let mut stream = tls_connect(http, client(&authority, None, b"http/1.1")).await?;
+        get(&mut stream, "/livez").await
+    };
+    assert!(
+        anonymous.await.is_err(),
+        "served a client without a certificate"
+    );
+
+    let (alice_cert, alice_key, _) = clients.issue("alice", true);
+    let mut alice = tls_connect(
+        http,
+        client(
+            &authority,
+            Some((alice_cert.clone(), alice_key.clone())),
+            b"http/1.1",
+        ),
+    )
+    .await
+    .unwrap();
+    let (status, text) = request(
+        &mut alice,
+        "POST",
+        "/election/default/jobs-1",
+        None,
+        Some(r#"{"candidate":"alice","term":60000}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = request(
+        &mut alice,
+        "POST",
+        "/election/default/payments",
+        None,
+        Some(r#"{"candidate":"alice","term":60000}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        text.contains("alice may not campaign election default/payments"),
+        "{text}"
+    );
+
+    // mallory's certificate is valid, but the policy names no mallory.
+    let (cert, key, _) = clients.issue("mallory", true);
+    let mut client_of_mallory = ElectionClient::new(
+        grpc_channel(grpc, client(&authority, Some((cert, key)), b"h2"))
+            .await
+            .unwrap(),
+    );
+    let refused = client_of_mallory
+        .campaign(campaign_for("jobs-1", "mallory"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert_eq!(
+        refused.message(),
+        "mallory may not campaign election default/jobs-1"
+    );
+    let mut client_of_alice = ElectionClient::new(
+        grpc_channel(
+            grpc,
+            client(&authority, Some((alice_cert, alice_key)), b"h2"),
+        )
+        .await
+        .unwrap(),
+    );
+    let kept = client_of_alice
+        .campaign(campaign_for("jobs-1", "alice"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(kept.elected);
+    stop(agent).await;
 }

@@ -1,10 +1,11 @@
-//! Authentication and authorization of API requests — off unless `EA_AUTH_TOKENS_FILE` or
-//! `EA_AUTH_KUBERNETES` is set, so clients of the Go service keep working unchanged.
+//! Authentication and authorization of API requests — off unless `EA_AUTH_TOKENS_FILE`,
+//! `EA_AUTH_KUBERNETES` or `EA_TLS_CLIENT_CA_FILE` is set, so clients of the Go service keep
+//! working unchanged.
 //!
 //! * [`Authentication`] says who calls: the request's bearer token, looked up in the static
 //!   tokens file ([`tokens`]) or reviewed by the Kubernetes API server ([`token_review`]); without
-//!   a token, the identity the transport vouches for (an mTLS client certificate's subject,
-//!   plugged in with [`Authentication::with_peer_identity`]).
+//!   a token, the identity the transport vouches for: a verified mTLS client certificate's
+//!   name ([`crate::transport::PeerIdentity`]), when client certificates are required.
 //! * [`Policy`] says what each identity may do: pure, and table-tested ([`policy`]).
 //! * [`layer`] holds the thin adapters: one tower layer in front of each server authenticates
 //!   every request but the probes' and puts its [`Caller`] into the request's extensions; the
@@ -28,7 +29,7 @@ pub use policy::Policy;
 pub use token_review::TokenReviewer;
 pub use tokens::StaticTokens;
 
-use crate::{config::AuthConfig, lease::DEFAULT_KIND};
+use crate::{config::AuthConfig, lease::DEFAULT_KIND, transport::PeerIdentity};
 
 /// Who a request comes from, once authenticated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -312,15 +313,12 @@ impl AuthMetrics {
     }
 }
 
-/// The identity the transport vouches for, read from a request's extensions: the mTLS client
-/// certificate's subject.
-pub type PeerIdentity = fn(&http::Extensions) -> Option<String>;
-
 /// Who calls, from a request's credentials; and the policy their requests are checked against.
 pub struct Authentication {
     tokens: Option<StaticTokens>,
     reviewer: Option<TokenReviewer>,
-    peer_identity: Option<PeerIdentity>,
+    /// A verified client certificate names the caller of a request without a token.
+    client_certificates: bool,
     authorizer: Arc<Authorizer>,
     protect_metrics: bool,
 }
@@ -386,7 +384,7 @@ impl Authentication {
         Ok(Some(Self {
             tokens,
             reviewer,
-            peer_identity: None,
+            client_certificates: config.client_certificates,
             authorizer: Arc::new(Authorizer {
                 policy,
                 metrics: AuthMetrics::register(registry)?,
@@ -395,14 +393,9 @@ impl Authentication {
         }))
     }
 
-    /// Takes the identity of a request without a bearer token from what the transport put in
-    /// its extensions (an mTLS client certificate's subject): that user, in no group.
-    pub fn with_peer_identity(mut self, peer_identity: PeerIdentity) -> Self {
-        self.peer_identity = Some(peer_identity);
-        self
-    }
-
-    /// Authenticates a request by its headers (the bearer token) and extensions (the peer).
+    /// Authenticates a request by its headers (the bearer token) and, without a token, by its
+    /// extensions: the verified client certificate the transport put there names the caller,
+    /// in no group. A token, when sent, decides: a wrong one is not rescued by a certificate.
     pub async fn authenticate(
         &self,
         headers: &http::HeaderMap,
@@ -411,9 +404,10 @@ impl Authentication {
         let identity = match bearer_token(headers)? {
             Some(token) => self.identity_of_token(token).await?,
             None => Identity {
-                user: self
-                    .peer_identity
-                    .and_then(|peer| peer(extensions))
+                user: extensions
+                    .get::<PeerIdentity>()
+                    .filter(|_| self.client_certificates)
+                    .map(|PeerIdentity(name)| name.clone())
                     .ok_or(AuthError::MissingToken)?,
                 uid: String::new(),
                 groups: Vec::new(),
@@ -572,7 +566,7 @@ mod tests {
         let authentication = Authentication {
             tokens: Some(StaticTokens::parse(tokens).unwrap()),
             reviewer: None,
-            peer_identity: None,
+            client_certificates: false,
             authorizer: Arc::new(Authorizer {
                 policy: policy.map_or_else(Policy::default_for_authenticated, |p| {
                     Policy::parse(p).unwrap()
@@ -640,17 +634,22 @@ mod tests {
 
     #[tokio::test]
     async fn without_a_token_the_transports_peer_identity_is_the_caller() {
-        #[derive(Clone)]
-        struct Subject(String);
-        let (auth, _) = authentication("tok-a,alice,1\n", None);
-        let auth = auth.with_peer_identity(|ext| ext.get::<Subject>().map(|s| s.0.clone()));
+        let (mut auth, _) = authentication("tok-a,alice,1\n", None);
         let mut extensions = http::Extensions::new();
-        extensions.insert(Subject("CN=jobs-runner".into()));
+        extensions.insert(PeerIdentity("jobs-runner".into()));
+        // Without client certificates required, an identity in the extensions counts for nothing.
+        assert_eq!(
+            auth.authenticate(&http::HeaderMap::new(), &extensions)
+                .await
+                .err(),
+            Some(AuthError::MissingToken)
+        );
+        auth.client_certificates = true;
         let caller = auth
             .authenticate(&http::HeaderMap::new(), &extensions)
             .await
             .unwrap();
-        assert_eq!(caller.identity().unwrap().user, "CN=jobs-runner");
+        assert_eq!(caller.identity().unwrap().user, "jobs-runner");
         // A token, when sent, decides: a wrong one is not rescued by the certificate.
         assert_eq!(
             auth.authenticate(&headers("Bearer nope"), &extensions)
