@@ -125,6 +125,12 @@ settings! {
         "comma-separated Redis URLs (several with single mode: Redlock quorum)";
     "EA_REDIS_MASTER" => "redis.master" = "",
         "Sentinel master name (failover mode)";
+    "EA_REDIS_TLS_CA_FILE" => "redis.tls_ca_file" = "",
+        "rediss:// URLs: PEM CA certificates the Redis servers' certificates must chain to; empty: the public web roots (webpki-roots)";
+    "EA_REDIS_TLS_CERT_FILE" => "redis.tls_cert_file" = "",
+        "rediss:// URLs: PEM client certificate chain for servers that ask for one (Redis's tls-auth-clients), with EA_REDIS_TLS_KEY_FILE; empty: none";
+    "EA_REDIS_TLS_KEY_FILE" => "redis.tls_key_file" = "",
+        "rediss:// URLs: PEM private key of EA_REDIS_TLS_CERT_FILE";
     "EA_REDIS_OPERATION_TIMEOUT" ["EA_REDIS_OPEARATION_TIMEOUT"] => "redis.operation_timeout" = "3s",
         "how long a store operation may take before the request fails with FAILED_PRECONDITION";
     "EA_REDIS_SERVER_TIMEOUT" => "redis.server_timeout" = "100ms",
@@ -339,6 +345,17 @@ pub struct StoreConfig {
     pub key_prefix: String,
     /// How long a record is kept after its lease ended.
     pub retention: Duration,
+    /// `EA_REDIS_TLS_*`: how `rediss://` URLs are connected to.
+    pub tls: RedisTls,
+}
+
+/// `EA_REDIS_TLS_*`: the files TLS connections to Redis (`rediss://` URLs) use, read at start-up.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RedisTls {
+    /// CA certificates, PEM, the servers' certificates must chain to; none: the public web roots.
+    pub ca: Option<PathBuf>,
+    /// A client certificate chain and its key, PEM, for servers that require one.
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 /// `EA_TLS_*`: the files both ports serve TLS with.
@@ -764,6 +781,7 @@ impl Values {
                 ),
             ));
         }
+        let redis_tls = self.redis_tls(&urls)?;
         let operation_timeout = self.get("EA_REDIS_OPERATION_TIMEOUT", positive_duration)?;
         let server_timeout = self.get("EA_REDIS_SERVER_TIMEOUT", positive_duration)?;
         let replica_acks = self.get("EA_REDIS_REPLICA_ACKS", |v| {
@@ -847,6 +865,7 @@ impl Values {
                 replica_acks,
                 key_prefix,
                 retention: self.get("EA_LEASE_RETENTION", retention)?,
+                tls: redis_tls,
             },
             terms: TermBounds { min, max },
             shutdown_timeout: self.get("EA_SHUTDOWN_TIMEOUT", positive_duration)?,
@@ -882,6 +901,56 @@ impl Values {
             )),
             (None, None) => Ok(None),
         }
+    }
+
+    /// `EA_REDIS_TLS_*`, which apply to `rediss://` URLs: all the URLs are, or none (a Redlock
+    /// quorum or a Sentinel set half on TLS is a mistake), and a certificate needs its key.
+    fn redis_tls(&self, urls: &[String]) -> Result<RedisTls, ConfigError> {
+        let file = |v: &str| Ok((!v.is_empty()).then(|| PathBuf::from(v)));
+        let ca = self.get("EA_REDIS_TLS_CA_FILE", file)?;
+        let cert = self.get("EA_REDIS_TLS_CERT_FILE", file)?;
+        let key = self.get("EA_REDIS_TLS_KEY_FILE", file)?;
+        let secure = |url: &String| url.starts_with("rediss://");
+        if urls.iter().any(secure) && !urls.iter().all(secure) {
+            return Err(self.conflict(
+                "EA_REDIS_URLS",
+                "mixes rediss:// and redis:// URLs: use TLS with every server or with none"
+                    .into(),
+            ));
+        }
+        if !urls.iter().any(secure) {
+            for (key, given) in [
+                ("EA_REDIS_TLS_CA_FILE", ca.is_some()),
+                ("EA_REDIS_TLS_CERT_FILE", cert.is_some()),
+                ("EA_REDIS_TLS_KEY_FILE", key.is_some()),
+            ] {
+                if given {
+                    return Err(self.conflict(
+                        key,
+                        "applies to TLS connections to Redis, and EA_REDIS_URLS has no \
+                         rediss:// URL"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        let client = match (cert, key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (Some(_), None) => {
+                return Err(self.conflict(
+                    "EA_REDIS_TLS_CERT_FILE",
+                    "needs its private key: set EA_REDIS_TLS_KEY_FILE too".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(self.conflict(
+                    "EA_REDIS_TLS_KEY_FILE",
+                    "needs its certificate: set EA_REDIS_TLS_CERT_FILE too".into(),
+                ));
+            }
+            (None, None) => None,
+        };
+        Ok(RedisTls { ca, client })
     }
 
     /// `EA_AUTH_*`. A policy, or a protected `/metrics`, without a way to authenticate would
@@ -1398,6 +1467,77 @@ mod tests {
             .resolve()
             .unwrap_err();
         assert!(err.to_string().contains("EA_AUTH_AUDIENCE"), "{err}");
+    }
+
+    #[test]
+    fn redis_tls_files_apply_to_rediss_urls_only_and_every_url_or_none_is_rediss() {
+        let resolve = |pairs: &[(&str, &str)]| {
+            Sources::default()
+                .environment(env(pairs))
+                .resolve()
+                .map_err(|err| err.to_string())
+        };
+        let config = resolve(&[
+            ("EA_REDIS_URLS", "rediss://r1:6380,rediss://r2:6380"),
+            ("EA_REDIS_TLS_CA_FILE", "/etc/ea/redis-ca.crt"),
+            ("EA_REDIS_TLS_CERT_FILE", "/etc/ea/redis.crt"),
+            ("EA_REDIS_TLS_KEY_FILE", "/etc/ea/redis.key"),
+        ])
+        .unwrap();
+        assert_eq!(
+            config.store.tls,
+            RedisTls {
+                ca: Some("/etc/ea/redis-ca.crt".into()),
+                client: Some(("/etc/ea/redis.crt".into(), "/etc/ea/redis.key".into())),
+            }
+        );
+        // rediss:// alone trusts the public roots.
+        let config = resolve(&[("EA_REDIS_URLS", "rediss://r1:6380")]).unwrap();
+        assert_eq!(config.store.tls, RedisTls::default());
+
+        for (pairs, key, why) in [
+            (
+                &[("EA_REDIS_URLS", "rediss://r1:6380,redis://r2:6379")][..],
+                "EA_REDIS_URLS",
+                "mixes rediss:// and redis://",
+            ),
+            (
+                &[
+                    ("EA_REDIS_URLS", "redis://r1:6379"),
+                    ("EA_REDIS_TLS_CA_FILE", "/ca.crt"),
+                ][..],
+                "EA_REDIS_TLS_CA_FILE",
+                "no rediss:// URL",
+            ),
+            (
+                &[("EA_REDIS_TLS_CERT_FILE", "/c.crt")][..],
+                "EA_REDIS_TLS_CERT_FILE",
+                "no rediss:// URL",
+            ),
+            (
+                &[
+                    ("EA_REDIS_URLS", "rediss://r1:6380"),
+                    ("EA_REDIS_TLS_CERT_FILE", "/c.crt"),
+                ][..],
+                "EA_REDIS_TLS_CERT_FILE",
+                "set EA_REDIS_TLS_KEY_FILE too",
+            ),
+            (
+                &[
+                    ("EA_REDIS_URLS", "rediss://r1:6380"),
+                    ("EA_REDIS_TLS_KEY_FILE", "/c.key"),
+                ][..],
+                "EA_REDIS_TLS_KEY_FILE",
+                "set EA_REDIS_TLS_CERT_FILE too",
+            ),
+        ] {
+            let err = resolve(pairs).unwrap_err();
+            assert!(
+                err.starts_with(&format!("invalid configuration: {key}=")) && err.contains(why),
+                "{pairs:?}: {err}"
+            );
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
     }
 
     #[test]

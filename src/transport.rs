@@ -49,7 +49,7 @@ use crate::config::{PortLimits, Timeouts};
 
 mod tls;
 
-pub use tls::{PeerIdentity, Tls, TlsError};
+pub use tls::{PeerIdentity, Tls, TlsError, crypto_provider};
 
 /// Errors of request and response bodies.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -113,6 +113,7 @@ impl Drop for TestNamespace {
 /// their whole grace period — and for ever on the stand-in's node, now that the stand-in has
 /// stopped — and the namespace with them.
 async fn clean_up(name: &str) -> Result<(), String> {
+    election_agent::transport::crypto_provider();
     let client = Client::try_default().await.map_err(|e| e.to_string())?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
     match namespaces.delete(name, &DeleteParams::background()).await {
@@ -155,6 +156,8 @@ async fn clean_up(name: &str) -> Result<(), String> {
 
 /// The cluster of `KUBECONFIG` / `~/.kube/config`.
 pub async fn cluster() -> Client {
+    // The TLS provider kube's configuration takes (see `crypto_provider`).
+    election_agent::transport::crypto_provider();
     within("connect", Duration::from_secs(30), Client::try_default())
         .await
         .expect("a cluster from KUBECONFIG (these tests are run by scripts/e2e.sh)")

@@ -163,6 +163,8 @@ impl Discovery {
                 .await
                 .map_err(|err| DiscoveryError::Client(format!("KUBECONFIG: {err}")))?
         };
+        // Its rustls configuration takes the process's default crypto provider.
+        crate::transport::crypto_provider();
         Client::try_from(config).map_err(|err| DiscoveryError::Client(err.to_string()))
     }
 

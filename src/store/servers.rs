@@ -290,6 +290,17 @@ enum Kind {
     ClusterNode { bus_port: u16 },
     /// A sentinel monitoring the master on `master_port` as `mymaster`, quorum 2.
     Sentinel { master_port: u16 },
+    /// A standalone server also serving TLS on `tls_port`, with certificates made for it
+    /// ([`TlsFiles`]): clients must present one (Redis's default `tls-auth-clients yes`).
+    Tls { tls_port: u16 },
+}
+
+/// The files of a [`Kind::Tls`] server, in its directory: a CA of its own, the server's
+/// certificate for 127.0.0.1 and a client certificate, each signed by that CA.
+pub(crate) struct TlsFiles {
+    pub(crate) ca: PathBuf,
+    pub(crate) client_cert: PathBuf,
+    pub(crate) client_key: PathBuf,
 }
 
 /// How a data server is set up beyond its [`Kind`] (none of it applies to a sentinel).
@@ -351,6 +362,65 @@ impl RedisServer {
             replica_of: Some(master_port),
         };
         Self::start_kind(kind, Settings::default()).await
+    }
+
+    /// Starts a standalone server that serves TLS ([`tls_url`](Self::tls_url)) besides plain TCP
+    /// (kept for the harness's own `redis-cli`).
+    pub(crate) async fn start_tls() -> RedisServer {
+        Self::start_kind(
+            |tls_port| Kind::Tls { tls_port },
+            Settings::default(),
+        )
+        .await
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT` of a server [started with TLS](Self::start_tls).
+    pub(crate) fn tls_url(&self) -> String {
+        let Kind::Tls { tls_port } = self.kind else {
+            panic!("not started with TLS")
+        };
+        format!("rediss://127.0.0.1:{tls_port}")
+    }
+
+    /// The certificate files of a server [started with TLS](Self::start_tls).
+    pub(crate) fn tls_files(&self) -> TlsFiles {
+        TlsFiles {
+            ca: self.dir.join("ca.crt"),
+            client_cert: self.dir.join("client.crt"),
+            client_key: self.dir.join("client.key"),
+        }
+    }
+
+    /// Makes the CA, the server's and a client's certificates in its directory.
+    fn write_tls_files(&self) {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair,
+        };
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "redis test CA");
+        let ca_key = KeyPair::generate().expect("a CA key");
+        let ca_certificate = ca.self_signed(&ca_key).expect("the CA certificate");
+        let issuer = Issuer::new(ca, ca_key);
+        let write = |name: &str, text: String| {
+            fs::write(self.dir.join(name), text).expect("certificate files are written");
+        };
+        write("ca.crt", ca_certificate.pem());
+        for (name, purpose) in [
+            ("server", ExtendedKeyUsagePurpose::ServerAuth),
+            ("client", ExtendedKeyUsagePurpose::ClientAuth),
+        ] {
+            let mut params =
+                CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+                    .expect("certificate parameters");
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![purpose];
+            let key = KeyPair::generate().expect("a key");
+            let certificate = params.signed_by(&key, &issuer).expect("a certificate");
+            write(&format!("{name}.crt"), certificate.pem());
+            write(&format!("{name}.key"), key.serialize_pem());
+        }
     }
 
     /// Starts a cluster node (empty, not yet part of any cluster).
@@ -507,6 +577,12 @@ impl RedisServer {
                 }
                 ("redis-sentinel", vec![config.display().to_string()])
             }
+            Kind::Tls { .. } => {
+                if fresh {
+                    self.write_tls_files();
+                }
+                ("redis-server", self.server_args())
+            }
             Kind::Standalone { .. } | Kind::ClusterNode { .. } => {
                 ("redis-server", self.server_args())
             }
@@ -601,6 +677,19 @@ impl RedisServer {
                     .iter()
                     .map(ToString::to_string),
                 );
+            }
+            Kind::Tls { tls_port } => {
+                let file = |name: &str| self.dir.join(name).display().to_string();
+                args.extend([
+                    "--tls-port".into(),
+                    tls_port.to_string(),
+                    "--tls-cert-file".into(),
+                    file("server.crt"),
+                    "--tls-key-file".into(),
+                    file("server.key"),
+                    "--tls-ca-cert-file".into(),
+                    file("ca.crt"),
+                ]);
             }
             Kind::Standalone { replica_of: None } | Kind::Sentinel { .. } => {}
         }

@@ -10,12 +10,13 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, OnceLock, PoisonError},
     time::{Duration, Instant, SystemTime},
 };
 
 use rustls::{
     RootCertStore, ServerConfig,
+    crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
     server::WebPkiClientVerifier,
 };
@@ -25,6 +26,22 @@ use crate::config::TlsFiles;
 
 /// How often, at most, the files are looked at.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// The crypto provider of every TLS configuration the agent makes: `ring`, the one the
+/// Kubernetes client is built with. The first call also installs it as the process default,
+/// which the Kubernetes client's own configuration uses: the Redis client's rustls comes with
+/// `aws-lc-rs` as well, and with two providers in the build rustls picks neither by itself.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            let provider = rustls::crypto::ring::default_provider();
+            // Already installed (by a test, say): that one stays the process default.
+            let _ = provider.clone().install_default();
+            Arc::new(provider)
+        })
+        .clone()
+}
 
 /// The caller's identity from its verified client certificate: the certificate subject's common
 /// name (CN), else its first DNS name. Every request of a connection that presented one carries
@@ -141,7 +158,7 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 fn server_config(files: &TlsFiles, alpn: &[Vec<u8>]) -> Result<ServerConfig, TlsError> {
     let chain = certificates(&files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|err| error(&files.key, err))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crypto_provider();
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|err| error(&files.cert, err))?;

@@ -1,9 +1,16 @@
 //! Where the Redis servers are: the configured URLs turned into one `rustis` configuration per
-//! [`Node`](super::node::Node), each with a label free of credentials for logs and messages.
+//! [`Node`](super::node::Node), each with a label free of credentials for logs and messages,
+//! and, for `rediss://` URLs, the TLS configuration (`EA_REDIS_TLS_*`) they connect with.
 
-use rustis::client::{ClusterConfig, Config, SentinelConfig, ServerConfig};
+use std::{path::Path, sync::Arc};
 
-use crate::config::{StoreConfig, StoreMode};
+use rustis::client::{ClusterConfig, Config, SentinelConfig, ServerConfig, TlsConfig};
+use rustls::{
+    ClientConfig, RootCertStore,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+};
+
+use crate::config::{RedisTls, StoreConfig, StoreMode};
 
 /// Why the store configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -44,12 +51,17 @@ fn configs(config: &StoreConfig) -> Result<Vec<(String, Config)>, EndpointError>
             match url.scheme() {
                 "redis" | "rediss" => Ok(url),
                 other => Err(EndpointError(format!(
-                    "{:?}: scheme {other:?} is not supported; use redis://",
+                    "{:?}: scheme {other:?} is not supported; use redis:// (or rediss:// for TLS)",
                     redact(raw)
                 ))),
             }
         })
         .collect::<Result<_, _>>()?;
+    // The configuration refuses a mix of rediss:// and redis:// URLs.
+    let tls = match urls.first() {
+        Some(url) if url.scheme() == "rediss" => Some(tls_config(&config.tls)?),
+        _ => None,
+    };
     let host_port = |url: &url::Url| -> Result<(String, u16), EndpointError> {
         let host = url
             .host_str()
@@ -57,6 +69,7 @@ fn configs(config: &StoreConfig) -> Result<Vec<(String, Config)>, EndpointError>
         Ok((host.to_owned(), url.port().unwrap_or(6379)))
     };
     let credentials = |url: &url::Url, config: &mut Config| -> Result<(), EndpointError> {
+        config.tls_config.clone_from(&tls);
         if !url.username().is_empty() {
             config.username = Some(url.username().to_owned());
         }
@@ -143,6 +156,53 @@ fn configs(config: &StoreConfig) -> Result<Vec<(String, Config)>, EndpointError>
     }
 }
 
+/// The TLS configuration of `rediss://` connections: servers verified against the CA file, or
+/// the public web roots without one; the client certificate, if one is given. Read once, at
+/// start-up (reconnections use the same).
+fn tls_config(files: &RedisTls) -> Result<TlsConfig, EndpointError> {
+    let error = |setting: &str, path: &Path, reason: &dyn std::fmt::Display| {
+        EndpointError(format!("{setting}={}: {reason}", path.display()))
+    };
+    let certificates = |setting: &str, path: &Path| {
+        let certificates = CertificateDer::pem_file_iter(path)
+            .map_err(|err| error(setting, path, &err))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| error(setting, path, &err))?;
+        if certificates.is_empty() {
+            return Err(error(setting, path, &"no PEM certificate in it"));
+        }
+        Ok(certificates)
+    };
+    let roots = match &files.ca {
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            for certificate in certificates("EA_REDIS_TLS_CA_FILE", path)? {
+                roots
+                    .add(certificate)
+                    .map_err(|err| error("EA_REDIS_TLS_CA_FILE", path, &err))?;
+            }
+            roots
+        }
+        None => RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    };
+    let builder = ClientConfig::builder_with_provider(crate::transport::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|err| EndpointError(format!("TLS: {err}")))?
+        .with_root_certificates(roots);
+    let config = match &files.client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = certificates("EA_REDIS_TLS_CERT_FILE", cert)?;
+            let private = PrivateKeyDer::from_pem_file(key)
+                .map_err(|err| error("EA_REDIS_TLS_KEY_FILE", key, &err))?;
+            builder
+                .with_client_auth_cert(chain, private)
+                .map_err(|err| error("EA_REDIS_TLS_KEY_FILE", key, &err))?
+        }
+    };
+    Ok(TlsConfig::new(Arc::new(config)))
+}
+
 /// The servers a URL's `addr=host:port` parameters name (Cluster, sharding).
 fn addrs(url: &url::Url) -> Result<Vec<(String, u16)>, EndpointError> {
     url.query_pairs()
@@ -186,6 +246,7 @@ mod tests {
             replica_acks: 1,
             key_prefix: "test".to_owned(),
             retention: Duration::from_secs(86_400),
+            tls: RedisTls::default(),
         }
     }
 
@@ -261,6 +322,18 @@ mod tests {
         ))
         .unwrap_err();
         assert!(uneven.to_string().contains("every member"), "{uneven}");
+
+        // TLS for rediss:// URLs only, in every mode.
+        for (mode, master) in [
+            (StoreMode::Single, ""),
+            (StoreMode::Failover, "m"),
+            (StoreMode::Cluster, ""),
+        ] {
+            let secure = endpoints(mode, &["rediss://h1:6380"], master).unwrap();
+            assert!(secure[0].1.tls_config.is_some(), "{mode:?}");
+            let plain = endpoints(mode, &["redis://h1:6379"], master).unwrap();
+            assert!(plain[0].1.tls_config.is_none(), "{mode:?}");
+        }
 
         let err = endpoints(StoreMode::Single, &["http://u:secret@h"], "").unwrap_err();
         assert!(!err.to_string().contains("secret"), "{err}");

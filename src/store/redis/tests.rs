@@ -30,6 +30,7 @@ fn store_config(mode: StoreMode, urls: Vec<String>, master: &str) -> StoreConfig
         replica_acks: 1,
         key_prefix: "test".to_owned(),
         retention: Duration::from_secs(86_400),
+        tls: Default::default(),
     }
 }
 
@@ -68,6 +69,65 @@ fn campaign(candidate: &str) -> Command {
 async fn single_redis_meets_the_lease_store_contract() {
     let server = RedisServer::start().await;
     contract::run(&single(std::slice::from_ref(&server)).0).await;
+}
+
+/// `rediss://` with the server's CA and a client certificate: the whole contract, over TLS.
+/// Without the client certificate the server refuses the handshake, and against the public web
+/// roots its certificate is not trusted: unavailable, with the reason, never served in clear.
+#[tokio::test]
+async fn rediss_with_a_ca_file_and_a_client_certificate_meets_the_lease_store_contract() {
+    use crate::config::RedisTls;
+    let server = RedisServer::start_tls().await;
+    let files = server.tls_files();
+    let config = |tls: RedisTls| StoreConfig {
+        tls,
+        ..store_config(StoreMode::Single, vec![server.tls_url()], "")
+    };
+    let (served, _) = store(&config(RedisTls {
+        ca: Some(files.ca.clone()),
+        client: Some((files.client_cert.clone(), files.client_key.clone())),
+    }));
+    contract::run(&served).await;
+
+    for (tls, why) in [
+        (
+            RedisTls {
+                ca: Some(files.ca.clone()),
+                client: None,
+            },
+            "no client certificate",
+        ),
+        (
+            RedisTls {
+                ca: None,
+                client: Some((files.client_cert.clone(), files.client_key.clone())),
+            },
+            "a server certificate of an unknown CA",
+        ),
+    ] {
+        let (refused, _) = store(&config(tls));
+        let failed = refused.execute(&key("tls"), campaign("c")).await;
+        assert!(
+            matches!(failed, Err(StoreError::Unavailable(_))),
+            "{why}: {failed:?}"
+        );
+        assert!(refused.check().await.is_err(), "{why}: ready");
+    }
+
+    let unusable = RedisStore::new(
+        &config(RedisTls {
+            ca: Some(server.dir().join("missing.crt")),
+            client: None,
+        }),
+        IntGauge::new("disconnected", "test gauge").unwrap(),
+    )
+    .err()
+    .expect("a CA file that is missing is refused")
+    .to_string();
+    assert!(
+        unusable.contains("EA_REDIS_TLS_CA_FILE=") && unusable.contains("missing.crt"),
+        "{unusable}"
+    );
 }
 
 #[tokio::test]

@@ -134,6 +134,7 @@ impl Deployment {
             replica_acks: 1,
             key_prefix: "faults".to_owned(),
             retention: Duration::from_secs(86_400),
+            tls: Default::default(),
         }
     }
 
