@@ -914,8 +914,7 @@ impl Values {
         if urls.iter().any(secure) && !urls.iter().all(secure) {
             return Err(self.conflict(
                 "EA_REDIS_URLS",
-                "mixes rediss:// and redis:// URLs: use TLS with every server or with none"
-                    .into(),
+                "mixes rediss:// and redis:// URLs: use TLS with every server or with none".into(),
             ));
         }
         if !urls.iter().any(secure) {

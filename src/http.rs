@@ -49,7 +49,7 @@ pub struct HttpState {
 /// The REST API, probes, metrics (when enabled) and the OpenAPI document over `service`.
 pub fn router(service: ElectionService, metrics_enabled: bool) -> Router {
     let (router, openapi) = api().split_for_parts();
-    let openapi = with_term_bounds(openapi, service.term_bounds());
+    let openapi = with_term_bounds(with_authentication(openapi), service.term_bounds());
     let state = HttpState {
         service,
         metrics_enabled,
@@ -66,7 +66,94 @@ pub fn router(service: ElectionService, metrics_enabled: bool) -> Router {
 
 /// The OpenAPI 3 document of [`router`], with the default term bounds.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api().into_openapi()
+    with_authentication(api().into_openapi())
+}
+
+/// The document with what authentication adds (`EA_AUTH_*`, `EA_TLS_CLIENT_CA_FILE`): the
+/// `bearer` scheme, optional on every route but the always-open probes and this document (a
+/// request may also come without one: authentication off, or a client certificate naming the
+/// caller), 401 on those routes and 403 where a policy decides. `/metrics` is protected only with
+/// `EA_AUTH_METRICS`; a token the TokenReview API cannot verify now is 503.
+fn with_authentication(mut openapi: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::{
+        ResponseBuilder,
+        security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme},
+    };
+    let bearer = "bearer";
+    openapi
+        .components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme(
+            bearer,
+            SecurityScheme::Http(
+                Http::builder()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "With authentication on (EA_AUTH_TOKENS_FILE, EA_AUTH_KUBERNETES): a \
+                         static token or a Kubernetes ServiceAccount token. Not needed with \
+                         authentication off, or with a client certificate naming the caller.",
+                    ))
+                    .build(),
+            ),
+        );
+    let error = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                utoipa::openapi::ContentBuilder::new()
+                    .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                        "ErrorBody",
+                    ))))
+                    .build(),
+            )
+            .build()
+    };
+    for (path, item) in openapi.paths.paths.iter_mut() {
+        if matches!(path.as_str(), "/livez" | "/readyz" | "/openapi.json") {
+            continue;
+        }
+        let decided_by_policy = path != "/metrics";
+        for operation in [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .chain([&mut item.delete])
+        .flatten()
+        {
+            operation.security = Some(vec![
+                SecurityRequirement::default(),
+                SecurityRequirement::new(bearer, Vec::<String>::new()),
+            ]);
+            let responses = &mut operation.responses.responses;
+            responses.insert(
+                "401".into(),
+                RefOr::T(error(
+                    "Authentication is on and the request has no valid bearer token \
+                     (WWW-Authenticate: Bearer)",
+                )),
+            );
+            if decided_by_policy {
+                responses.insert(
+                    "403".into(),
+                    RefOr::T(error(
+                        "The policy (EA_AUTH_POLICY_FILE) does not let the caller do this; the \
+                         message names the verb and the election",
+                    )),
+                );
+            }
+            responses.entry("503".into()).or_insert_with(|| {
+                RefOr::T(error(
+                    "The bearer token cannot be verified now (the Kubernetes TokenReview \
+                         failed)",
+                ))
+            });
+        }
+    }
+    openapi
 }
 
 /// The document as an agent with `bounds` (`EA_LEASE_MIN_TERM`, `EA_LEASE_MAX_TERM`) serves it:

@@ -367,11 +367,7 @@ impl RedisServer {
     /// Starts a standalone server that serves TLS ([`tls_url`](Self::tls_url)) besides plain TCP
     /// (kept for the harness's own `redis-cli`).
     pub(crate) async fn start_tls() -> RedisServer {
-        Self::start_kind(
-            |tls_port| Kind::Tls { tls_port },
-            Settings::default(),
-        )
-        .await
+        Self::start_kind(|tls_port| Kind::Tls { tls_port }, Settings::default()).await
     }
 
     /// `rediss://127.0.0.1:TLS_PORT` of a server [started with TLS](Self::start_tls).
@@ -399,7 +395,8 @@ impl RedisServer {
         };
         let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name.push(DnType::CommonName, "redis test CA");
+        ca.distinguished_name
+            .push(DnType::CommonName, "redis test CA");
         let ca_key = KeyPair::generate().expect("a CA key");
         let ca_certificate = ca.self_signed(&ca_key).expect("the CA certificate");
         let issuer = Issuer::new(ca, ca_key);
