@@ -81,6 +81,16 @@ Kept in one place so that the e2e test can run the agent out of cluster with exa
 - name: EA_REDIS_MASTER
   value: {{ .Values.redis.master | quote }}
 {{- end }}
+{{- with .Values.redis.tls.caSecret }}
+- name: EA_REDIS_TLS_CA_FILE
+  value: {{ printf "/etc/election-agent/redis-tls-ca/%s" $.Values.redis.tls.caKey | quote }}
+{{- end }}
+{{- with .Values.redis.tls.clientSecret }}
+- name: EA_REDIS_TLS_CERT_FILE
+  value: {{ printf "/etc/election-agent/redis-tls-client/%s" $.Values.redis.tls.clientCertKey | quote }}
+- name: EA_REDIS_TLS_KEY_FILE
+  value: {{ printf "/etc/election-agent/redis-tls-client/%s" $.Values.redis.tls.clientKeyKey | quote }}
+{{- end }}
 - name: EA_REDIS_OPERATION_TIMEOUT
   value: {{ .Values.redis.operationTimeout | quote }}
 - name: EA_REDIS_SERVER_TIMEOUT
@@ -113,6 +123,16 @@ Kept in one place so that the e2e test can run the agent out of cluster with exa
 - name: EA_AUTH_METRICS
   value: "true"
 {{- end }}
+{{- with .Values.tls.existingSecret }}
+- name: EA_TLS_CERT_FILE
+  value: {{ printf "/etc/election-agent/tls/%s" $.Values.tls.certKey | quote }}
+- name: EA_TLS_KEY_FILE
+  value: {{ printf "/etc/election-agent/tls/%s" $.Values.tls.keyKey | quote }}
+{{- end }}
+{{- if include "election-agent.clientCertificates" . }}
+- name: EA_TLS_CLIENT_CA_FILE
+  value: {{ printf "/etc/election-agent/tls-client-ca/%s" .Values.tls.clientCA.key | quote }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -137,6 +157,156 @@ single
 {{- else -}}
 {{- .Values.replicaCount -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+Whether clients must present certificates (tls.clientCA): "true", else empty. The values schema
+refuses a client CA without tls.existingSecret.
+*/}}
+{{- define "election-agent.clientCertificates" -}}
+{{- if or .Values.tls.clientCA.existingSecret .Values.tls.clientCA.existingConfigMap -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/*
+The probes' handlers. The kubelet's grpc probe cannot speak TLS, and its httpGet probe can
+(scheme HTTPS, without verifying) but cannot present a client certificate: with client
+certificates required the probes only open a TCP connection.
+*/}}
+{{- define "election-agent.livenessHandler" -}}
+{{- if include "election-agent.clientCertificates" . -}}
+tcpSocket:
+  port: http
+{{- else -}}
+httpGet:
+  path: /livez
+  port: http
+{{- if .Values.tls.existingSecret }}
+  scheme: HTTPS
+{{- end }}
+{{- end -}}
+{{- end -}}
+
+{{- define "election-agent.readinessHandler" -}}
+{{- if include "election-agent.clientCertificates" . -}}
+tcpSocket:
+  port: grpc
+{{- else if .Values.tls.existingSecret -}}
+httpGet:
+  path: /readyz
+  port: http
+  scheme: HTTPS
+{{- else -}}
+grpc:
+  port: {{ .Values.grpc.port }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Every volume the agent reads files from: authentication's, then TLS's. Secret volumes, never
+subPath mounts, so that the kubelet's updates of a renewed Secret reach the files.
+*/}}
+{{- define "election-agent.volumes" -}}
+{{- include "election-agent.authVolumes" . }}
+{{- include "election-agent.tlsVolumes" . }}
+{{- end -}}
+
+{{- define "election-agent.volumeMounts" -}}
+{{- include "election-agent.authVolumeMounts" . }}
+{{- include "election-agent.tlsVolumeMounts" . }}
+{{- end -}}
+
+{{/*
+The TLS files: the agent's certificate and key, the CA of client certificates, and Redis' CA and
+client certificate; each volume holds only the keys the agent reads.
+*/}}
+{{- define "election-agent.tlsVolumes" -}}
+{{- with .Values.tls.existingSecret }}
+- name: tls
+  secret:
+    secretName: {{ . | quote }}
+    items:
+      - key: {{ $.Values.tls.certKey | quote }}
+        path: {{ $.Values.tls.certKey | quote }}
+      - key: {{ $.Values.tls.keyKey | quote }}
+        path: {{ $.Values.tls.keyKey | quote }}
+{{- end }}
+{{- if .Values.tls.clientCA.existingSecret }}
+- name: tls-client-ca
+  secret:
+    secretName: {{ .Values.tls.clientCA.existingSecret | quote }}
+    items:
+      - key: {{ .Values.tls.clientCA.key | quote }}
+        path: {{ .Values.tls.clientCA.key | quote }}
+{{- else if .Values.tls.clientCA.existingConfigMap }}
+- name: tls-client-ca
+  configMap:
+    name: {{ .Values.tls.clientCA.existingConfigMap | quote }}
+    items:
+      - key: {{ .Values.tls.clientCA.key | quote }}
+        path: {{ .Values.tls.clientCA.key | quote }}
+{{- end }}
+{{- with .Values.redis.tls.caSecret }}
+- name: redis-tls-ca
+  secret:
+    secretName: {{ . | quote }}
+    items:
+      - key: {{ $.Values.redis.tls.caKey | quote }}
+        path: {{ $.Values.redis.tls.caKey | quote }}
+{{- end }}
+{{- with .Values.redis.tls.clientSecret }}
+- name: redis-tls-client
+  secret:
+    secretName: {{ . | quote }}
+    items:
+      - key: {{ $.Values.redis.tls.clientCertKey | quote }}
+        path: {{ $.Values.redis.tls.clientCertKey | quote }}
+      - key: {{ $.Values.redis.tls.clientKeyKey | quote }}
+        path: {{ $.Values.redis.tls.clientKeyKey | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "election-agent.tlsVolumeMounts" -}}
+{{- if .Values.tls.existingSecret }}
+- name: tls
+  mountPath: /etc/election-agent/tls
+  readOnly: true
+{{- end }}
+{{- if include "election-agent.clientCertificates" . }}
+- name: tls-client-ca
+  mountPath: /etc/election-agent/tls-client-ca
+  readOnly: true
+{{- end }}
+{{- if .Values.redis.tls.caSecret }}
+- name: redis-tls-ca
+  mountPath: /etc/election-agent/redis-tls-ca
+  readOnly: true
+{{- end }}
+{{- if .Values.redis.tls.clientSecret }}
+- name: redis-tls-client
+  mountPath: /etc/election-agent/redis-tls-client
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/*
+The ServiceMonitor's tlsConfig with tls.existingSecret: trust the CA in that Secret for the
+Service's name; the fields of serviceMonitor.tlsConfig replace these. With client certificates
+required, Prometheus needs one of its own.
+*/}}
+{{- define "election-agent.serviceMonitorTlsConfig" -}}
+{{- $config := dict "serverName" (printf "%s.%s.svc" (include "election-agent.fullname" .) .Release.Namespace) -}}
+{{- with .Values.tls.caKey -}}
+{{- $_ := set $config "ca" (dict "secret" (dict "name" $.Values.tls.existingSecret "key" .)) -}}
+{{- end -}}
+{{- range $field, $value := .Values.serviceMonitor.tlsConfig -}}
+{{- $_ := set $config $field $value -}}
+{{- end -}}
+{{- if and (include "election-agent.clientCertificates" .) (not (and (or $config.cert $config.certFile) (or $config.keySecret $config.keyFile))) -}}
+{{- fail "serviceMonitor.enabled with tls.clientCA: the agent requires a client certificate, so Prometheus needs one that CA signed — set serviceMonitor.tlsConfig.cert and serviceMonitor.tlsConfig.keySecret" -}}
+{{- end -}}
+{{- toYaml $config -}}
 {{- end -}}
 
 {{/* The files authentication reads: the tokens Secret and the policy ConfigMap or Secret. */}}
