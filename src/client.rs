@@ -24,12 +24,77 @@ pub struct ClientArgs {
     /// A bearer token sent with every call, for an agent with authentication on.
     #[arg(long, env = "EA_CLIENT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// TLS (an `https://` address) and its files.
+    #[command(flatten)]
+    pub tls: ClientTls,
     /// The election kind (empty means "default").
     #[arg(long, global = true, default_value = "")]
     pub kind: String,
     /// What to do.
     #[command(subcommand)]
     pub command: ClientCommand,
+}
+
+/// TLS options of a gRPC client of the agent (`client`, `bench`): TLS is used with an `https://`
+/// address, verifying the agent's certificate against the CA file or, without one, the public
+/// web roots; a client certificate is presented when given (an agent with
+/// `EA_TLS_CLIENT_CA_FILE` requires one).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClientTls {
+    /// PEM CA certificates the agent's certificate must chain to (https:// addresses).
+    #[arg(long, env = "EA_CLIENT_TLS_CA_FILE")]
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate chain, for an agent that requires one (with --tls-key-file).
+    #[arg(long, env = "EA_CLIENT_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert-file.
+    #[arg(long, env = "EA_CLIENT_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<std::path::PathBuf>,
+}
+
+impl ClientTls {
+    /// The endpoint of `address`, with TLS when it is `https://`.
+    pub fn endpoint(&self, address: &str) -> Result<tonic::transport::Endpoint, ClientError> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(address.to_owned()).map_err(|source| {
+                ClientError::Connect {
+                    address: address.to_owned(),
+                    source,
+                }
+            })?;
+        let https = address.starts_with("https://");
+        let given = self.tls_ca_file.is_some() || self.tls_cert_file.is_some();
+        if !https {
+            return if given {
+                Err(ClientError::Tls(format!(
+                    "TLS files are given, but the address {address} is not https://"
+                )))
+            } else {
+                Ok(endpoint)
+            };
+        }
+        let read = |path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|err| ClientError::Tls(format!("cannot read {}: {err}", path.display())))
+        };
+        let mut config = ClientTlsConfig::new();
+        config = match &self.tls_ca_file {
+            Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca)?)),
+            None => config.with_webpki_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&self.tls_cert_file, &self.tls_key_file) {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        // tonic takes the process's default provider: ring, as everywhere in the agent.
+        crate::transport::crypto_provider();
+        endpoint
+            .tls_config(config)
+            .map_err(|source| ClientError::Connect {
+                address: address.to_owned(),
+                source,
+            })
+    }
 }
 
 /// One RPC.
@@ -117,19 +182,39 @@ pub enum ClientCommand {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The endpoint is malformed or unreachable.
-    #[error("cannot connect to {address}: {source}")]
+    #[error("cannot connect to {address}: {source}{}", causes(source, &source.to_string()))]
     Connect {
         /// The endpoint.
         address: String,
         /// Why.
         source: tonic::transport::Error,
     },
+    /// The TLS options cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The token cannot be sent as metadata.
     #[error("the token must be printable ASCII")]
     Token,
-    /// The agent answered with an error.
-    #[error("{:?}: {}", .0.code(), .0.message())]
+    /// The agent answered with an error, or the call failed on the way (then with the causes:
+    /// a refused TLS handshake, say).
+    #[error("{:?}: {}{}", .0.code(), .0.message(), causes(.0, .0.message()))]
     Rpc(#[from] tonic::Status),
+}
+
+/// The causes of `error`, shown as `shown`, each after `: ` but those that repeat what comes
+/// before them (tonic's own messages say only "transport error").
+fn causes(error: &dyn std::error::Error, shown: &str) -> String {
+    let (mut causes, mut last) = (String::new(), shown.to_owned());
+    let mut next = error.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !last.ends_with(&text) {
+            causes += &format!(": {text}");
+        }
+        last = text;
+        next = cause.source();
+    }
+    causes
 }
 
 /// Runs one client command, printing to stdout.
@@ -140,15 +225,15 @@ pub async fn run(args: ClientArgs) -> Result<(), ClientError> {
         .map(|token| format!("Bearer {token}").parse())
         .transpose()
         .map_err(|_| ClientError::Token)?;
-    let connect = async {
-        tonic::transport::Endpoint::from_shared(args.address.clone())?
-            .connect()
-            .await
-    };
-    let channel = connect.await.map_err(|source| ClientError::Connect {
-        address: args.address.clone(),
-        source,
-    })?;
+    let channel = args
+        .tls
+        .endpoint(&args.address)?
+        .connect()
+        .await
+        .map_err(|source| ClientError::Connect {
+            address: args.address.clone(),
+            source,
+        })?;
     let mut client =
         ElectionClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
             if let Some(authorization) = &authorization {

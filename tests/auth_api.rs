@@ -782,6 +782,7 @@ async fn the_command_line_client_sends_its_token() {
     let args = |token: Option<&str>| ClientArgs {
         address: grpc_endpoint(&agent),
         token: token.map(str::to_owned),
+        tls: Default::default(),
         kind: String::new(),
         command: ClientCommand::Leaders,
     };

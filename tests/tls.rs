@@ -797,3 +797,63 @@ async fn with_client_certificates_the_certificate_is_the_identity_the_policy_jud
     assert!(kept.elected);
     stop(agent).await;
 }
+
+/// `election-agent client` against an agent requiring client certificates: with `https://`, the
+/// CA file and a certificate it campaigns; without the certificate it cannot connect, and says
+/// why; TLS files with an `http://` address are refused before connecting.
+#[tokio::test]
+async fn the_command_line_client_speaks_tls_and_presents_its_certificate() {
+    use election_agent::client::{self, ClientArgs, ClientCommand, ClientTls};
+    let dir = Dir::new("client");
+    let authority = Authority::new("test CA");
+    server_files(&dir, &authority, "agent");
+    let server_ca = dir.write("server-ca.crt", &authority.pem);
+    let clients = Authority::new("clients CA");
+    let ca = dir.write("clients.crt", &clients.pem);
+    let (cert, key, _) = clients.issue("alice", true);
+    let (cert, key) = (dir.write("alice.crt", &cert), dir.write("alice.key", &key));
+    let agent = start(&dir, Some(&ca)).await;
+    let address = format!("https://localhost:{}", agent.grpc_address.unwrap().port());
+    let args = |address: &str, tls: ClientTls| ClientArgs {
+        address: address.to_owned(),
+        token: None,
+        tls,
+        kind: String::new(),
+        command: ClientCommand::Campaign {
+            election: "cli".into(),
+            candidate: "alice".into(),
+            term: 10_000,
+        },
+    };
+
+    let with_certificate = ClientTls {
+        tls_ca_file: Some(server_ca.clone()),
+        tls_cert_file: Some(cert),
+        tls_key_file: Some(key),
+    };
+    client::run(args(&address, with_certificate.clone()))
+        .await
+        .expect("campaigns over mTLS");
+
+    let without = ClientTls {
+        tls_ca_file: Some(server_ca),
+        ..ClientTls::default()
+    };
+    let refused = client::run(args(&address, without))
+        .await
+        .expect_err("served without a client certificate")
+        .to_string();
+    // TLS 1.3: the refusal comes on the first read, as an alert or as the connection closed.
+    assert!(
+        refused.contains("CertificateRequired") || refused.contains("connection closed"),
+        "{refused}"
+    );
+
+    let plain = format!("http://127.0.0.1:{}", agent.grpc_address.unwrap().port());
+    let refused = client::run(args(&plain, with_certificate))
+        .await
+        .expect_err("TLS files with http:// were accepted")
+        .to_string();
+    assert!(refused.contains("not https://"), "{refused}");
+    stop(agent).await;
+}
