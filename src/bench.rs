@@ -1,5 +1,5 @@
 //! `election-agent bench`: a load generator for a running agent, and for `GetPods` over
-//! synthetic caches.
+//! synthetic caches; and `soak`, hours of use in minutes while the agents restart (`soak.rs`).
 //!
 //! `grpc` and `http` run the Go service's benchmark workload: every client wins one
 //! election of its own with one successful campaign, then per iteration its leader extends the
@@ -40,6 +40,10 @@ use crate::{
     server::{self, ServerError},
 };
 
+mod soak;
+
+pub use soak::SoakArgs;
+
 /// Options of `election-agent bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -61,6 +65,11 @@ pub enum BenchTarget {
     /// GetPods of one Deployment over gRPC; without --address, from an in-process agent over a
     /// synthetic Deployment.
     Pods(PodsArgs),
+    /// Steady leadership traffic and Observe/watch streams for a while, kept going while the
+    /// agents and their store are restarted (scripts/soak.sh does): failures by kind, fencing
+    /// tokens that must never go backwards, and the agents' memory trend. Exits 1 when a check
+    /// fails.
+    Soak(SoakArgs),
 }
 
 /// Options every benchmark has.
@@ -216,15 +225,19 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// Runs one benchmark and prints its report (text, or JSON with `--json`).
-pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
+/// Runs one benchmark and prints its report (text, or JSON with `--json`); false when a soak
+/// failed its checks.
+pub async fn run(args: BenchArgs) -> Result<bool, BenchError> {
+    let json = args.target.json();
     let report = match args.target {
         BenchTarget::Grpc(args) => grpc(args).await?,
         BenchTarget::Http(args) => http(args).await?,
         BenchTarget::Names(args) => names(args).await?,
         BenchTarget::Pods(args) => pods(args).await?,
+        BenchTarget::Soak(args) => return soak::run(args).await,
     };
-    Ok(report)
+    print(&report, json)?;
+    Ok(true)
 }
 
 /// Prints `report` as `election-agent bench` does.
@@ -245,6 +258,7 @@ impl BenchTarget {
                 args.load.json
             }
             BenchTarget::Pods(args) => args.load.json,
+            BenchTarget::Soak(args) => args.json,
         }
     }
 }

@@ -106,13 +106,12 @@ async fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => fail(&err),
         },
-        Some(Command::Bench(args)) => {
-            let json = args.target.json();
-            match bench::run(args).await.and_then(|r| bench::print(&r, json)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => fail(&err),
-            }
-        }
+        Some(Command::Bench(args)) => match bench::run(args).await {
+            Ok(true) => ExitCode::SUCCESS,
+            // A soak that failed its checks: its report says which.
+            Ok(false) => ExitCode::FAILURE,
+            Err(err) => fail(&err),
+        },
         Some(Command::Serve(args)) => serve(args).await,
         None => serve(cli.serve).await,
     }
