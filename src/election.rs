@@ -216,10 +216,10 @@ impl ElectionService {
         term_ms: i64,
     ) -> Result<Campaigned, ElectionError> {
         self.instrumented(Action::Campaign, async {
-            let key = election_key(kind, election)?;
-            let candidate = Name::parse("candidate", candidate)?;
-            let term = self.term("term", term_ms)?;
-            self.leases().campaign(&key, &candidate, term).await
+            let r = CampaignRequest::parse(self.term_bounds(), kind, election, candidate, term_ms)?;
+            self.leases()
+                .campaign(&r.election, &r.candidate, r.term)
+                .await
         })
         .await
     }
@@ -236,17 +236,21 @@ impl ElectionService {
         retry_interval_ms: i64,
     ) -> Result<FencingToken, ElectionError> {
         self.instrumented(Action::ExtendElectedTerm, async {
-            let key = election_key(kind, election)?;
-            let leader = Name::parse("leader", leader)?;
-            let term = self.term("term", term_ms)?;
-            let retries = bounded("retries", retries, MAX_RETRIES)?;
-            let interval = bounded("retry_interval", retry_interval_ms, MAX_RETRY_INTERVAL_MS)?;
+            let r = ExtendRequest::parse(
+                self.term_bounds(),
+                kind,
+                election,
+                leader,
+                term_ms,
+                retries,
+                retry_interval_ms,
+            )?;
             let mut attempt = 0;
             loop {
-                match self.leases().extend(&key, &leader, term).await {
-                    Err(ElectionError::Unavailable(_)) if attempt < retries => {
+                match self.leases().extend(&r.election, &r.leader, r.term).await {
+                    Err(ElectionError::Unavailable(_)) if attempt < r.retries => {
                         attempt += 1;
-                        tokio::time::sleep(Duration::from_millis(interval)).await;
+                        tokio::time::sleep(Duration::from_millis(r.retry_interval_ms)).await;
                     }
                     result => break result,
                 }
@@ -263,9 +267,8 @@ impl ElectionService {
         leader: &str,
     ) -> Result<(), ElectionError> {
         self.instrumented(Action::Resign, async {
-            let key = election_key(kind, election)?;
-            let leader = Name::parse("leader", leader)?;
-            self.leases().resign(&key, &leader).await
+            let r = ResignRequest::parse(kind, election, leader)?;
+            self.leases().resign(&r.election, &r.leader).await
         })
         .await
     }
@@ -282,17 +285,18 @@ impl ElectionService {
         expected_token: u64,
     ) -> Result<FencingToken, ElectionError> {
         self.instrumented(Action::Handover, async {
-            let key = election_key(kind, election)?;
-            let leader = Name::parse("leader", leader)?;
-            let term = self.term("term", term_ms)?;
-            let expected = Expected {
-                leader: match expected_leader {
-                    "" => None,
-                    name => Some(Name::parse("expected_leader", name)?),
-                },
-                token: (expected_token != 0).then_some(FencingToken(expected_token)),
-            };
-            self.leases().handover(&key, &leader, term, expected).await
+            let r = HandoverRequest::parse(
+                self.term_bounds(),
+                kind,
+                election,
+                leader,
+                term_ms,
+                expected_leader,
+                expected_token,
+            )?;
+            self.leases()
+                .handover(&r.election, &r.leader, r.term, r.expected)
+                .await
         })
         .await
     }
@@ -395,7 +399,7 @@ impl ElectionService {
 pub const CONTROLLER_KIND: &str = "election-agent.io";
 
 /// A request's kind: any valid kind but the controller's.
-fn public_kind(kind: &str) -> Result<Name, InvalidArgument> {
+pub fn public_kind(kind: &str) -> Result<Name, InvalidArgument> {
     let kind = Name::parse_kind("kind", kind)?;
     if kind.as_str() == CONTROLLER_KIND {
         return Err(InvalidArgument::new(
@@ -413,6 +417,131 @@ pub fn election_key(kind: &str, election: &str) -> Result<ElectionKey, InvalidAr
         kind: public_kind(kind)?,
         election: Name::parse("election", election)?,
     })
+}
+
+/// A Campaign request whose fields are valid: what [`ElectionService::campaign`] runs. Public, as
+/// are the other requests', so that the fuzz targets (`fuzz/`) check decoded bodies and messages
+/// against the very rules the service applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CampaignRequest {
+    /// The election.
+    pub election: ElectionKey,
+    /// Who campaigns.
+    pub candidate: Name,
+    /// For how long.
+    pub term: Term,
+}
+
+impl CampaignRequest {
+    /// Validates a Campaign request's fields; `terms` are the agent's bounds.
+    pub fn parse(
+        terms: TermBounds,
+        kind: &str,
+        election: &str,
+        candidate: &str,
+        term_ms: i64,
+    ) -> Result<Self, InvalidArgument> {
+        Ok(Self {
+            election: election_key(kind, election)?,
+            candidate: Name::parse("candidate", candidate)?,
+            term: terms.parse("term", term_ms)?,
+        })
+    }
+}
+
+/// An ExtendElectedTerm request whose fields are valid: what [`ElectionService::extend`] runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtendRequest {
+    /// The election.
+    pub election: ElectionKey,
+    /// Who claims to lead.
+    pub leader: Name,
+    /// For how long.
+    pub term: Term,
+    /// Retries while the store is unavailable, at most [`MAX_RETRIES`].
+    pub retries: u64,
+    /// Pause between retries, at most [`MAX_RETRY_INTERVAL_MS`].
+    pub retry_interval_ms: u64,
+}
+
+impl ExtendRequest {
+    /// Validates an ExtendElectedTerm request's fields; `terms` are the agent's bounds.
+    pub fn parse(
+        terms: TermBounds,
+        kind: &str,
+        election: &str,
+        leader: &str,
+        term_ms: i64,
+        retries: i64,
+        retry_interval_ms: i64,
+    ) -> Result<Self, InvalidArgument> {
+        Ok(Self {
+            election: election_key(kind, election)?,
+            leader: Name::parse("leader", leader)?,
+            term: terms.parse("term", term_ms)?,
+            retries: bounded("retries", retries, MAX_RETRIES)?,
+            retry_interval_ms: bounded("retry_interval", retry_interval_ms, MAX_RETRY_INTERVAL_MS)?,
+        })
+    }
+}
+
+/// A Resign request whose fields are valid: what [`ElectionService::resign`] runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResignRequest {
+    /// The election.
+    pub election: ElectionKey,
+    /// Who claims to lead.
+    pub leader: Name,
+}
+
+impl ResignRequest {
+    /// Validates a Resign request's fields.
+    pub fn parse(kind: &str, election: &str, leader: &str) -> Result<Self, InvalidArgument> {
+        Ok(Self {
+            election: election_key(kind, election)?,
+            leader: Name::parse("leader", leader)?,
+        })
+    }
+}
+
+/// A Handover request whose fields are valid: what [`ElectionService::handover`] runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoverRequest {
+    /// The election.
+    pub election: ElectionKey,
+    /// The new leader.
+    pub leader: Name,
+    /// For how long.
+    pub term: Term,
+    /// The live lease it must replace (nothing: any).
+    pub expected: Expected,
+}
+
+impl HandoverRequest {
+    /// Validates a Handover request's fields; `terms` are the agent's bounds. An empty
+    /// `expected_leader` and an `expected_token` of 0 mean any.
+    pub fn parse(
+        terms: TermBounds,
+        kind: &str,
+        election: &str,
+        leader: &str,
+        term_ms: i64,
+        expected_leader: &str,
+        expected_token: u64,
+    ) -> Result<Self, InvalidArgument> {
+        Ok(Self {
+            election: election_key(kind, election)?,
+            leader: Name::parse("leader", leader)?,
+            term: terms.parse("term", term_ms)?,
+            expected: Expected {
+                leader: match expected_leader {
+                    "" => None,
+                    name => Some(Name::parse("expected_leader", name)?),
+                },
+                token: (expected_token != 0).then_some(FencingToken(expected_token)),
+            },
+        })
+    }
 }
 
 fn bounded(field: &'static str, value: i64, max: u64) -> Result<u64, InvalidArgument> {

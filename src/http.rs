@@ -324,9 +324,16 @@ where
             return Ok(Self(value));
         }
         let body = Bytes::from_request(request, state).await?;
-        let axum::Json(value) = axum::Json::<T>::from_bytes(&body)?;
-        Ok(Self(value))
+        Ok(Self(decode_json(&body)?))
     }
+}
+
+/// A request body read as the JSON of a `T` — what [`Json`] does once the body is read, with a
+/// Content-Type or without (axum's extractor ends in the same `from_bytes`). Refused (400, naming
+/// what is wrong) when it is not JSON or not a `T`. Public for the fuzz targets (`fuzz/`).
+pub fn decode_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let axum::Json(value) = axum::Json::<T>::from_bytes(body)?;
+    Ok(value)
 }
 
 impl<T: Serialize> IntoResponse for Json<T> {
@@ -390,11 +397,11 @@ pub struct LeaderBody {
 pub struct CampaignBody {
     /// Who campaigns.
     #[schema(min_length = 1, max_length = 253, pattern = "^[A-Za-z0-9._:/@-]+$")]
-    candidate: String,
+    pub candidate: String,
     /// Term in milliseconds.
     #[schema(minimum = 1000, maximum = 86400000)]
     #[serde(deserialize_with = "whole_number")]
-    term: i64,
+    pub term: i64,
 }
 
 /// The result of a campaign; losing is not an error.
@@ -415,21 +422,21 @@ pub struct CampaignResponse {
 pub struct ExtendBody {
     /// The current leader.
     #[schema(min_length = 1, max_length = 253, pattern = "^[A-Za-z0-9._:/@-]+$")]
-    leader: String,
+    pub leader: String,
     /// Term in milliseconds.
     #[schema(minimum = 1000, maximum = 86400000)]
     #[serde(deserialize_with = "whole_number")]
-    term: i64,
+    pub term: i64,
     /// Retries while the store is unavailable (0..10).
     #[serde(default)]
     #[schema(minimum = 0, maximum = 10)]
     #[serde(deserialize_with = "whole_number")]
-    retries: i64,
+    pub retries: i64,
     /// Milliseconds between retries (0..1000).
     #[serde(default)]
     #[schema(minimum = 0, maximum = 1000)]
     #[serde(deserialize_with = "whole_number")]
-    retry_interval: i64,
+    pub retry_interval: i64,
 }
 
 /// `PUT /election/{kind}/{name}`: hand over to a new leader.
@@ -437,21 +444,21 @@ pub struct ExtendBody {
 pub struct HandoverBody {
     /// The NEW leader.
     #[schema(min_length = 1, max_length = 253, pattern = "^[A-Za-z0-9._:/@-]+$")]
-    leader: String,
+    pub leader: String,
     /// Term in milliseconds.
     #[schema(minimum = 1000, maximum = 86400000)]
     #[serde(deserialize_with = "whole_number")]
-    term: i64,
+    pub term: i64,
     /// Only hand over if this is the live lease's holder (else 409, nothing changes); empty or
     /// absent: any.
     #[serde(default)]
     #[schema(max_length = 253, pattern = "^[A-Za-z0-9._:/@-]*$")]
-    expected_leader: Option<String>,
+    pub expected_leader: Option<String>,
     /// Only hand over if this is the live lease's fencing token (else 409, nothing changes); 0
     /// or absent: any.
     #[serde(default, deserialize_with = "whole_token")]
     #[schema(minimum = 0)]
-    expected_fencing_token: Option<u64>,
+    pub expected_fencing_token: Option<u64>,
 }
 
 /// `DELETE /election/{kind}/{name}`: resign.
@@ -459,7 +466,7 @@ pub struct HandoverBody {
 pub struct ResignBody {
     /// The current leader.
     #[schema(min_length = 1, max_length = 253, pattern = "^[A-Za-z0-9._:/@-]+$")]
-    leader: String,
+    pub leader: String,
 }
 
 /// The success of extend, handover and resign.

@@ -284,12 +284,7 @@ impl Discovery {
         deployment: &str,
         pod_name: &str,
     ) -> Result<Vec<(PodInfo, Arc<Pod>)>, DiscoveryError> {
-        object_name("namespace", namespace)?;
-        if pod_name.is_empty() {
-            object_name("deployment", deployment)?;
-        } else {
-            object_name("pod_name", pod_name)?;
-        }
+        check_pods_request(namespace, deployment, pod_name)?;
         if !self.synced() {
             return Err(DiscoveryError::NotSynced);
         }
@@ -325,6 +320,21 @@ impl Discovery {
             .pods
             .state_filter(|pod| pod.metadata.namespace.as_deref() == Some(namespace));
         Ok(deployment_pods(&found, &replica_sets, &pods))
+    }
+}
+
+/// Checks the names a GetPods request gives: the namespace, and the Deployment or (when set,
+/// instead) the pod. Public so that the fuzz targets (`fuzz/`) apply the same rules.
+pub fn check_pods_request(
+    namespace: &str,
+    deployment: &str,
+    pod_name: &str,
+) -> Result<(), InvalidArgument> {
+    object_name("namespace", namespace)?;
+    if pod_name.is_empty() {
+        object_name("deployment", deployment)
+    } else {
+        object_name("pod_name", pod_name)
     }
 }
 
