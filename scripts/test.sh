@@ -49,6 +49,14 @@ cargo fmt --all --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
+# The fuzz targets (fuzz/: a crate of its own, run with cargo fuzz on nightly) must keep compiling
+# against the agent's code. Checked on stable, sharing target/ with the lints above: under a
+# minute. When the agent's dependencies change, `cargo check --manifest-path fuzz/Cargo.toml`
+# brings fuzz/Cargo.lock along; commit it.
+step "fuzz targets: cargo fmt --check, cargo clippy (fuzz/)"
+cargo fmt --manifest-path fuzz/Cargo.toml --check
+CARGO_TARGET_DIR="$PWD/target" cargo clippy --manifest-path fuzz/Cargo.toml --locked --lib --bins -- -D warnings
+
 step "cargo nextest run (unit, integration and binary tests)"
 cargo nextest run --locked --no-fail-fast
 
