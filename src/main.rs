@@ -180,9 +180,12 @@ async fn serve(args: ServeArgs) -> ExitCode {
 
 fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
-    // RUST_LOG, when set, refines EA_LOG_LEVEL per module.
+    // RUST_LOG, when set, refines EA_LOG_LEVEL per module. The Redis client's own logs are off
+    // by default: it logs every failed reconnection attempt at ERROR (about one a second per
+    // server while one is down), and the agent reports the same outage once, as a warning, with
+    // the store's readiness and metrics; `RUST_LOG=info,rustis=warn` shows them.
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(config.log_level.as_str()));
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},rustis=off", config.log_level.as_str())));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
