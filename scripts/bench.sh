@@ -72,11 +72,42 @@ start_agent() {
 
 rss_mib() { awk '/^VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 
-# bench ARGS...: runs the agent benchmark, shows its text report on stderr, prints its JSON.
+# cpu_ticks PID: the process's CPU time so far, user + system, in clock ticks (/proc/PID/stat
+# fields 14 and 15; the command name, field 2, is in parentheses and may hold spaces).
+cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+# children_cpu_us FILE: the CPU time, user + system, of this shell's waited-for children so far,
+# in µs, from the second line of bash's `times` ("1m2.345s 0m0.678s") written to FILE: `times`
+# must run in this shell itself (a command substitution would be a new one, without children).
+children_cpu_us() {
+  awk 'NR == 2 {
+    split($1, u, /[ms]/); split($2, s, /[ms]/)
+    printf "%d", ((u[1] + s[1]) * 60 + u[2] + s[2]) * 1000000 }' "$1"
+}
+
+# bench PID ARGS...: runs the agent benchmark against the agent PID, shows its text report on
+# stderr and prints its JSON with the agent's CPU time per request added (`cpu_us_per_request`,
+# µs of user + system time, from /proc/PID/stat before and after the run). With PID "self" the
+# agent runs inside the benchmark's process (`bench pods`), and the figure is that process's:
+# agent and load generator together.
 bench() {
-  local json
-  json=$("$AGENT" bench "$@" --json)
-  jq -r '"    \(.benchmark), \(.clients) clients over \(.connections) connections: \(.requests) requests, \(.requests_per_second | floor) requests/s, p50 \(.latency_ms.p50) ms, p90 \(.latency_ms.p90) ms, p99 \(.latency_ms.p99) ms, max \(.latency_ms.max) ms, errors \(.errors) \(.errors_by_kind)"' <<<"$json" >&2
+  local pid=$1 json before after us
+  shift
+  if [ "$pid" = self ]; then
+    times >"$WORK/times-before"
+    "$AGENT" bench "$@" --json >"$WORK/bench.json"
+    times >"$WORK/times-after"
+    us=$(($(children_cpu_us "$WORK/times-after") - $(children_cpu_us "$WORK/times-before")))
+    json=$(cat "$WORK/bench.json")
+  else
+    before=$(cpu_ticks "$pid")
+    json=$("$AGENT" bench "$@" --json)
+    after=$(cpu_ticks "$pid")
+    us=$(((after - before) * TICK_US))
+  fi
+  json=$(jq --argjson us "$us" '. + {cpu_us_per_request: (($us / .requests) * 10 | round / 10)}' <<<"$json")
+  jq -r '"    \(.benchmark), \(.clients) clients over \(.connections) connections: \(.requests) requests, \(.requests_per_second | floor) requests/s, p50 \(.latency_ms.p50) ms, p90 \(.latency_ms.p90) ms, p99 \(.latency_ms.p99) ms, max \(.latency_ms.max) ms, errors \(.errors) \(.errors_by_kind), CPU \(.cpu_us_per_request) µs/request"' <<<"$json" >&2
   echo "$json"
 }
 
@@ -105,9 +136,9 @@ start_agent single "redis://127.0.0.1:$SINGLE"
 sleep 1
 IDLE_RSS=$(rss_mib "$AGENT_PID")
 echo "    idle RSS: $IDLE_RSS MiB" >&2
-GRPC_SINGLE=$(bench grpc --address "http://127.0.0.1:$GRPC" -c "$CLIENTS" -i "$ITERATIONS")
-GRPC_SINGLE_MUX=$(bench grpc --address "http://127.0.0.1:$GRPC" -c "$CLIENTS" -i "$ITERATIONS" --connections "$SHARED")
-HTTP_SINGLE=$(bench http --address "http://127.0.0.1:$HTTP" -c "$CLIENTS" -i "$ITERATIONS")
+GRPC_SINGLE=$(bench "$AGENT_PID" grpc --address "http://127.0.0.1:$GRPC" -c "$CLIENTS" -i "$ITERATIONS")
+GRPC_SINGLE_MUX=$(bench "$AGENT_PID" grpc --address "http://127.0.0.1:$GRPC" -c "$CLIENTS" -i "$ITERATIONS" --connections "$SHARED")
+HTTP_SINGLE=$(bench "$AGENT_PID" http --address "http://127.0.0.1:$HTTP" -c "$CLIENTS" -i "$ITERATIONS")
 kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
 
 # many CONNECTIONS: peak RSS of a fresh agent while $MANY_CLIENTS gRPC clients share CONNECTIONS.
@@ -133,13 +164,13 @@ many 100; PEAK_RSS_SHARED=$PEAK_RSS
 
 step "agent on three Redis servers (Redlock)"
 start_agent redlock "redis://127.0.0.1:$R1,redis://127.0.0.1:$R2,redis://127.0.0.1:$R3"
-GRPC_REDLOCK=$(bench grpc --address "http://127.0.0.1:$GRPC" -c "$CLIENTS" -i "$ITERATIONS")
-GRPC_REDLOCK_MUX=$(bench grpc --address "http://127.0.0.1:$GRPC" -c "$CLIENTS" -i "$ITERATIONS" --connections "$SHARED")
-HTTP_REDLOCK=$(bench http --address "http://127.0.0.1:$HTTP" -c "$CLIENTS" -i "$ITERATIONS")
+GRPC_REDLOCK=$(bench "$AGENT_PID" grpc --address "http://127.0.0.1:$GRPC" -c "$CLIENTS" -i "$ITERATIONS")
+GRPC_REDLOCK_MUX=$(bench "$AGENT_PID" grpc --address "http://127.0.0.1:$GRPC" -c "$CLIENTS" -i "$ITERATIONS" --connections "$SHARED")
+HTTP_REDLOCK=$(bench "$AGENT_PID" http --address "http://127.0.0.1:$HTTP" -c "$CLIENTS" -i "$ITERATIONS")
 kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
 
 step "GetPods from the caches: a 50-pod Deployment, $CLIENTS clients (in-process agent)"
-PODS=$(bench pods -c "$CLIENTS" -i "$POD_ITERATIONS" --pods 50)
+PODS=$(bench self pods -c "$CLIENTS" -i "$POD_ITERATIONS" --pods 50)
 
 rps() { jq -r '.requests_per_second | floor' <<<"$1"; }
 p99() { jq -r '.latency_ms.p99' <<<"$1"; }
@@ -164,6 +195,14 @@ done
 row "gRPC single p99" "$(p99 "$GRPC_SINGLE") ms" "<= 5 ms" "$(verdict "$(p99 "$GRPC_SINGLE")" 5 max)"
 row "gRPC single p99, $SHARED connections" "$(p99 "$GRPC_SINGLE_MUX") ms" "<= 5 ms" "$(verdict "$(p99 "$GRPC_SINGLE_MUX")" 5 max)"
 row "GetPods (50 pods)" "$(rps "$PODS") req/s" ">= 20000 req/s" "$(verdict "$(rps "$PODS")" 20000 min)"
+cpu() { jq -r '.cpu_us_per_request' <<<"$1"; }
+row "agent CPU/request, gRPC single" "$(cpu "$GRPC_SINGLE") µs" "(halve)" ""
+row "agent CPU/request, gRPC single, $SHARED c." "$(cpu "$GRPC_SINGLE_MUX") µs" "" ""
+row "agent CPU/request, HTTP single" "$(cpu "$HTTP_SINGLE") µs" "" ""
+row "agent CPU/request, gRPC redlock" "$(cpu "$GRPC_REDLOCK") µs" "(halve)" ""
+row "agent CPU/request, gRPC redlock, $SHARED c." "$(cpu "$GRPC_REDLOCK_MUX") µs" "" ""
+row "agent CPU/request, HTTP redlock" "$(cpu "$HTTP_REDLOCK") µs" "" ""
+row "GetPods CPU/request (agent+client)" "$(cpu "$PODS") µs" "" ""
 row "RSS idle" "$IDLE_RSS MiB" "<= 16 MiB" "$(verdict "$IDLE_RSS" 16 max)"
 row "RSS, $MANY_CLIENTS clients, own conn." "$PEAK_RSS_OWN MiB" "<= 64 MiB" "$(verdict "$PEAK_RSS_OWN" 64 max)"
 row "RSS, $MANY_CLIENTS clients, 100 conn." "$PEAK_RSS_SHARED MiB" "<= 64 MiB" "$(verdict "$PEAK_RSS_SHARED" 64 max)"

@@ -48,11 +48,15 @@ install_helm() {
   export PATH="$tools:$PATH"
 }
 
-# A loopback port nobody listens on.
+# A loopback port nobody listens on, below the kernel's ephemeral range: a port in that range may
+# be the local end of a client's connection (thousands of them in the benchmarks and the flood),
+# and a listener cannot bind it then, even with SO_REUSEADDR.
 free_port() {
-  local port
+  local port low=32768
+  read -r low _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+  [ "$low" -gt 11000 ] || low=32768
   while :; do
-    port=$((20000 + RANDOM % 30000))
+    port=$((10000 + RANDOM % (low - 10000)))
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
       echo "$port"
       return
