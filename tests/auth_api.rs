@@ -4,6 +4,10 @@
 //! gRPC; without a policy, everything but handover; probes stay open; Kubernetes tokens are
 //! reviewed by the API server. With authentication off nothing changes (the other API tests).
 
+mod common;
+
+use common::{grpc_endpoint, with_token};
+
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -155,25 +159,10 @@ async fn http_with(
     }
 }
 
-fn grpc_endpoint(agent: &RunningAgent) -> String {
-    format!("http://{}", agent.grpc_address.expect("gRPC enabled"))
-}
-
 async fn grpc(agent: &RunningAgent) -> ElectionClient<Channel> {
     ElectionClient::connect(grpc_endpoint(agent))
         .await
         .expect("connects")
-}
-
-/// `message` as a gRPC request carrying `authorization: Bearer token`.
-fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    if let Some(token) = token {
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    }
-    request
 }
 
 fn campaign(election: &str, candidate: &str) -> pb::CampaignRequest {

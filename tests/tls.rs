@@ -2,6 +2,10 @@
 //! served, client certificates required and naming the caller, certificate files rotated under
 //! open connections.
 
+mod common;
+
+use common::with_token;
+
 use std::{
     io,
     net::SocketAddr,
@@ -545,17 +549,6 @@ rules:
     elections: ["*"]
     verbs: ["*"]
 "#;
-
-/// `message` as a gRPC request carrying `authorization: Bearer token`.
-fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    if let Some(token) = token {
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    }
-    request
-}
 
 fn campaign_for(election: &str, candidate: &str) -> pb::CampaignRequest {
     pb::CampaignRequest {

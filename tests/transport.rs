@@ -26,6 +26,17 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// An empty SETTINGS frame: what a client sends right after the preface.
 const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
 
+/// A connection to the agent's gRPC port that has said the HTTP/2 preface and empty SETTINGS,
+/// and nothing more.
+async fn h2_connection(agent: &RunningAgent) -> TcpStream {
+    let mut stream = TcpStream::connect(agent.grpc_address.unwrap())
+        .await
+        .unwrap();
+    stream.write_all(H2_PREFACE).await.unwrap();
+    stream.write_all(&EMPTY_SETTINGS).await.unwrap();
+    stream
+}
+
 /// Starts an agent on loopback with the memory store and `settings` on top.
 async fn start(settings: &[(&'static str, &str)]) -> RunningAgent {
     let mut sources = Sources::default()
@@ -272,11 +283,7 @@ async fn idle_connections_are_closed_after_the_idle_timeout_http2_with_goaway() 
     assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
 
     // HTTP/2 (the gRPC port) that never opens a stream.
-    let mut silent = TcpStream::connect(agent.grpc_address.unwrap())
-        .await
-        .unwrap();
-    silent.write_all(H2_PREFACE).await.unwrap();
-    silent.write_all(&EMPTY_SETTINGS).await.unwrap();
+    let mut silent = h2_connection(&agent).await;
     let frames = read_until_closed(&mut silent)
         .await
         .expect("an idle HTTP/2 connection was kept open");
@@ -295,11 +302,7 @@ async fn an_http2_client_that_stops_answering_pings_is_disconnected() {
         ("EA_KEEPALIVE_TIMEOUT", "200ms"),
     ])
     .await;
-    let mut silent = TcpStream::connect(agent.grpc_address.unwrap())
-        .await
-        .unwrap();
-    silent.write_all(H2_PREFACE).await.unwrap();
-    silent.write_all(&EMPTY_SETTINGS).await.unwrap();
+    let mut silent = h2_connection(&agent).await;
     // The idle timeout is minutes away: only the unanswered PING can close it.
     let frames = read_until_closed(&mut silent)
         .await
@@ -320,11 +323,7 @@ async fn grpc_connections_are_told_how_many_streams_they_may_open() {
         ("EA_GRPC_MAX_OBSERVE_STREAMS_PER_CONNECTION", "32"),
     ])
     .await;
-    let mut stream = TcpStream::connect(agent.grpc_address.unwrap())
-        .await
-        .unwrap();
-    stream.write_all(H2_PREFACE).await.unwrap();
-    stream.write_all(&EMPTY_SETTINGS).await.unwrap();
+    let mut stream = h2_connection(&agent).await;
     let mut received = vec![0; 512];
     let n = tokio::time::timeout(SOON, stream.read(&mut received))
         .await

@@ -1,4 +1,6 @@
-//! Shared by the integration tests: an agent on loopback with ports of its own.
+//! Shared by the integration tests: an agent on loopback with ports of its own, and what their
+//! requests carry.
+#![allow(dead_code)] // each test crate uses its own subset
 
 use election_agent::{
     config::Sources,
@@ -20,4 +22,15 @@ pub async fn start_agent() -> RunningAgent {
 /// The gRPC endpoint of a running agent.
 pub fn grpc_endpoint(agent: &RunningAgent) -> String {
     format!("http://{}", agent.grpc_address.expect("gRPC enabled"))
+}
+
+/// `message` as a gRPC request carrying `authorization: Bearer token`, if a token is given.
+pub fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    request
 }
