@@ -17,6 +17,7 @@ fn main() -> io::Result<()> {
     )?;
     tonic_prost_build::configure()
         .emit_rerun_if_changed(false)
+        .codec_path("crate::grpc::codec::SmallBuffers")
         .compile_fds(contract)?;
 
     let legacy_dir = out_dir.join("go_contract");

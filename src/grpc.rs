@@ -30,6 +30,57 @@ pub mod pb {
 
 pub use pb::election_server::ElectionServer;
 
+/// The codec of the generated server and client: prost's, with message buffers sized for this
+/// contract.
+pub mod codec {
+    use std::marker::PhantomData;
+
+    use tonic::codec::{BufferSettings, Codec};
+    use tonic_prost::{ProstDecoder, ProstEncoder};
+
+    /// Bytes each call's encode and decode buffers start with. tonic's 8 KiB default is two
+    /// allocations of 8 KiB per call, too large for the allocator's fast paths; this contract's
+    /// messages are a few hundred bytes, and the rare larger one (a big Deployment's `GetPods`)
+    /// grows its buffer once.
+    const BUFFER_SIZE: usize = 1024;
+    /// A server stream (`Observe`) sends what it has ready in one write of up to this many bytes
+    /// (tonic's default).
+    const YIELD_THRESHOLD: usize = 32 * 1024;
+
+    fn buffers() -> BufferSettings {
+        BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD)
+    }
+
+    /// Protobuf messages with [`BUFFER_SIZE`] buffers.
+    #[derive(Debug, Clone)]
+    pub struct SmallBuffers<T, U>(PhantomData<(T, U)>);
+
+    impl<T, U> Default for SmallBuffers<T, U> {
+        fn default() -> Self {
+            Self(PhantomData)
+        }
+    }
+
+    impl<T, U> Codec for SmallBuffers<T, U>
+    where
+        T: prost::Message + Send + 'static,
+        U: prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = ProstEncoder<T>;
+        type Decoder = ProstDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ProstEncoder::new(buffers())
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            ProstDecoder::new(buffers())
+        }
+    }
+}
+
 /// The fully qualified name of the `Election` service, as health checks know it.
 pub const SERVICE_NAME: &str = "grpc.election_agent.v1.Election";
 

@@ -1108,17 +1108,22 @@ where
 /// A request's body, failed if it has not arrived whole within the body-read timeout.
 pub struct RequestBody {
     inner: Incoming,
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the body must have arrived whole; `None` once it has.
+    deadline: Option<tokio::time::Instant>,
+    /// The timer of `deadline`, armed only when the body is not there when first asked for: a
+    /// gRPC or JSON body usually arrives with its headers, and most requests need no timer.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     protocol: Protocol,
     timeout: Duration,
 }
 
 impl RequestBody {
     fn new(inner: Incoming, protocol: Protocol, timeout: Duration) -> Self {
-        let deadline = (!inner.is_end_stream()).then(|| Box::pin(tokio::time::sleep(timeout)));
+        let deadline = (!inner.is_end_stream()).then(|| tokio::time::Instant::now() + timeout);
         Self {
             inner,
             deadline,
+            timer: None,
             protocol,
             timeout,
         }
@@ -1137,18 +1142,22 @@ impl Body for RequestBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(None) => {
                 this.deadline = None;
+                this.timer = None;
                 Poll::Ready(None)
             }
             Poll::Ready(Some(frame)) => Poll::Ready(Some(frame.map_err(Into::into))),
             Poll::Pending => {
-                let expired = this
-                    .deadline
-                    .as_mut()
-                    .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
-                if !expired {
+                let Some(deadline) = this.deadline else {
+                    return Poll::Pending;
+                };
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if timer.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
                 this.deadline = None;
+                this.timer = None;
                 Poll::Ready(Some(Err(this.protocol.body_timeout(this.timeout))))
             }
         }
