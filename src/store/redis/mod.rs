@@ -136,22 +136,37 @@ impl Shared {
     /// two (kind, name) pairs share a key or a kind's listing prefix. A kind without `/` keeps
     /// the key the Go service and earlier releases used.
     fn key(&self, election: &ElectionKey) -> String {
-        format!("{}{}", self.kind_prefix(&election.kind), election.election)
-    }
-
-    /// What every record key of `kind` starts with (and no other kind's does).
-    fn kind_prefix(&self, kind: &Name) -> String {
-        format!(
-            "{}/lease/{}/",
-            self.prefix,
-            kind.as_str().replace('/', "%2F")
-        )
+        let name = election.election.as_str();
+        let mut key = self.key_start("lease", &election.kind, name.len() + 1);
+        key.push('/');
+        key.push_str(name);
+        key
     }
 
     /// The index of `kind`'s live leases: `[prefix]/live/[kind]`, the kind written as in
     /// [`key`](Self::key).
     fn index_key(&self, kind: &Name) -> String {
-        format!("{}/live/{}", self.prefix, kind.as_str().replace('/', "%2F"))
+        self.key_start("live", kind, 0)
+    }
+
+    /// `[prefix]/[what]/[kind]`, a `/` in the kind written `%2F`, with room for `more` bytes.
+    /// (Built by hand: it is on every request's path, and `format!` with `replace` allocates
+    /// three times.)
+    fn key_start(&self, what: &str, kind: &Name, more: usize) -> String {
+        let kind = kind.as_str();
+        let mut key =
+            String::with_capacity(self.prefix.len() + what.len() + kind.len() * 3 + 2 + more);
+        key.push_str(&self.prefix);
+        key.push('/');
+        key.push_str(what);
+        key.push('/');
+        for (i, part) in kind.split('/').enumerate() {
+            if i > 0 {
+                key.push_str("%2F");
+            }
+            key.push_str(part);
+        }
+        key
     }
 
     /// Whether `lease.lua` keeps the index itself: everywhere but in a Cluster, where the index
@@ -317,6 +332,18 @@ fn command_parts(command: &Command) -> (Kind, &'static str, &Name, Option<Durati
     }
 }
 
+/// What a late answer still needs: a new lease of a failed command released, a grant with
+/// another token than the command's aligned to it; `None`: nothing.
+fn late_follow_up(late: Late, reply: &Reply) -> Option<Late> {
+    match late {
+        Late::Release if quorum::is_new_lease(reply.code) => Some(Late::Release),
+        Late::Align(token) if quorum::is_grant(reply.code) && reply.token != token.0 => {
+            Some(Late::Align(token))
+        }
+        _ => None,
+    }
+}
+
 /// Finishes what a decided command leaves to do: releases the new leases of a failed command
 /// (`release`, and late grants), or aligns late grants of a new lease to its token.
 ///
@@ -336,15 +363,35 @@ async fn settle_late<F>(
 ) where
     F: Future<Output = (usize, Result<Reply, StoreError>)> + Send + 'static,
 {
-    let stragglers = stragglers.filter(|s| late != Late::Ignore && !s.is_empty());
+    let mut stragglers = stragglers.filter(|s| late != Late::Ignore && !s.is_empty());
+    let straggled = stragglers.is_some();
+    // Answers that have arrived since the decision are settled as they say: with every server
+    // healthy the last one has usually answered by now, and needs no follow-up sent blind. (A
+    // failure that arrived says nothing of what the server did: it gets the follow-up.)
+    let mut arrived = Vec::new();
+    if let Some(running) = &mut stragglers {
+        while let std::task::Poll::Ready(Some((i, answer))) = futures::poll!(running.next()) {
+            if let Ok(reply) = answer {
+                arrived.push((i, reply));
+            }
+        }
+    }
+    let stragglers = stragglers.filter(|s| !s.is_empty());
+    let settled_now: Vec<(usize, Late)> = arrived
+        .iter()
+        .filter_map(|(i, reply)| late_follow_up(late, reply).map(|late| (*i, late)))
+        .collect();
     let unanswered = answers
         .iter()
         .enumerate()
-        .filter(|(_, answer)| stragglers.is_some() && !matches!(answer, Some(Ok(_))))
+        .filter(|(i, answer)| {
+            straggled && !matches!(answer, Some(Ok(_))) && !arrived.iter().any(|(j, _)| j == i)
+        })
         .map(|(i, _)| i);
     let follow_ups: FuturesUnordered<_> = release
         .iter()
         .map(|&i| (i, Late::Release))
+        .chain(settled_now)
         .chain(unanswered.map(|i| (i, late)))
         .map(|(i, late)| {
             let (shared, args) = (shared.clone(), args.clone());
@@ -379,15 +426,13 @@ async fn settle_late<F>(
             };
             while let Some((i, answer)) = stragglers.next().await {
                 let Ok(reply) = answer else { continue };
-                match late {
-                    Late::Release if quorum::is_new_lease(reply.code) => {
+                match late_follow_up(late, &reply) {
+                    Some(Late::Release) => {
                         shared
                             .on_servers(args.shard, &[i], &RELEASE, key, (id,))
                             .await;
                     }
-                    Late::Align(token)
-                        if quorum::is_grant(reply.code) && reply.token != token.0 =>
-                    {
+                    Some(Late::Align(token)) => {
                         shared.align(args.shard, &[i], key, id, token).await;
                     }
                     _ => {}
@@ -427,7 +472,7 @@ impl LeaseStore for RedisStore {
                 true => shared.announcer.channel().clone(),
                 false => Arc::from(""),
             },
-            election: format!("{} {}", election.kind, election.election),
+            election: [election.kind.as_str(), " ", election.election.as_str()].concat(),
             expected_leader: match &command {
                 Command::Handover { expected, .. } => expected
                     .leader
