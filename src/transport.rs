@@ -760,7 +760,11 @@ impl Port {
                 .max_concurrent_streams(self.limits.max_concurrent_streams)
                 .initial_stream_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
-                .max_send_buf_size(SEND_BUFFER);
+                .max_send_buf_size(SEND_BUFFER)
+                // A Date header on every response is for HTTP caches (RFC 9110 asks origin
+                // servers for one); gRPC has no use for it, and it is a header to format and
+                // encode on every call.
+                .auto_date_header(self.protocol == Protocol::Http);
             // Boxed: a connection that never gets this far costs its task only a few bytes.
             let conn = Box::pin(builder.serve_connection(io, service));
             self.watch(
