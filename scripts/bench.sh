@@ -8,7 +8,8 @@
 #
 # It builds the release binary, starts its own Redis servers (one single, three for Redlock) and
 # agents on free loopback ports, and stops all of them on exit. Needs redis-server,
-# redis-benchmark, redis-cli, jq and curl (installed from Debian's packages when missing).
+# redis-benchmark, redis-cli, jq, curl and valgrind (installed from Debian's packages when
+# missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -23,14 +24,14 @@ REDIS_REQUESTS=${REDIS_REQUESTS:-300000}
 
 
 missing=()
-for tool in redis-server redis-benchmark redis-cli jq curl; do
+for tool in redis-server redis-benchmark redis-cli jq curl valgrind; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   step "installing ${missing[*]}"
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
   $sudo apt-get update -qq
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools jq curl
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools jq curl valgrind
   $sudo service redis-server stop >/dev/null 2>&1 || true
 fi
 
@@ -111,6 +112,34 @@ bench() {
   echo "$json"
 }
 
+# instructions REDIS_URLS: the agent's user-space instructions per gRPC request, counted by
+# callgrind — unlike CPU time, much the same from run to run and on a busy machine, so it shows
+# what a change did. The agent runs under valgrind (one thread at a time, some fifty times
+# slower); the count covers a run of 50 clients after a warm-up, and includes what the agent does
+# between requests (timers, housekeeping), shared out.
+instructions() {
+  local grpc http pid out json ir
+  grpc=$(free_port)
+  http=$(free_port)
+  out="$WORK/callgrind-$grpc"
+  env -i PATH="$PATH" EA_ENV=production EA_LOG_LEVEL=warning EA_BIND_ADDRESS=127.0.0.1 \
+    EA_GRPC_PORT="$grpc" EA_HTTP_PORT="$http" EA_KUBE_ENABLE=false EA_REDIS_URLS="$1" \
+    valgrind --tool=callgrind --callgrind-out-file="$out" "$AGENT" </dev/null >"$out.log" 2>&1 &
+  pid=$!
+  PIDS+=("$pid")
+  until curl -sf "http://127.0.0.1:$http/readyz" >/dev/null 2>&1; do
+    kill -0 "$pid" 2>/dev/null || { cat "$out.log" >&2; exit 1; }
+    sleep 0.2
+  done
+  "$AGENT" bench grpc --address "http://127.0.0.1:$grpc" -c 20 -i 20 --json >/dev/null
+  callgrind_control --zero "$pid" >/dev/null 2>&1
+  json=$("$AGENT" bench grpc --address "http://127.0.0.1:$grpc" -c 50 -i 100 --json)
+  callgrind_control --dump "$pid" >/dev/null 2>&1
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  ir=$(awk '/^summary:/ { print $2; exit }' "$(grep -l '^desc: Trigger: dump' "$out"*)")
+  jq -r --argjson ir "$ir" '($ir / .requests) | round' <<<"$json"
+}
+
 step "Redis: one server, and three for Redlock"
 start_redis SINGLE
 start_redis R1; start_redis R2; start_redis R3
@@ -169,6 +198,11 @@ GRPC_REDLOCK_MUX=$(bench "$AGENT_PID" grpc --address "http://127.0.0.1:$GRPC" -c
 HTTP_REDLOCK=$(bench "$AGENT_PID" http --address "http://127.0.0.1:$HTTP" -c "$CLIENTS" -i "$ITERATIONS")
 kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
 
+step "agent instructions per gRPC request (callgrind; one Redis server, then Redlock)"
+INSTRUCTIONS_SINGLE=$(instructions "redis://127.0.0.1:$SINGLE")
+INSTRUCTIONS_REDLOCK=$(instructions "redis://127.0.0.1:$R1,redis://127.0.0.1:$R2,redis://127.0.0.1:$R3")
+echo "    one Redis: $INSTRUCTIONS_SINGLE, Redlock: $INSTRUCTIONS_REDLOCK instructions per request (user space)" >&2
+
 step "GetPods from the caches: a 50-pod Deployment, $CLIENTS clients (in-process agent)"
 PODS=$(bench self pods -c "$CLIENTS" -i "$POD_ITERATIONS" --pods 50)
 
@@ -203,6 +237,8 @@ row "agent CPU/request, gRPC redlock" "$(cpu "$GRPC_REDLOCK") µs" "(halve)" ""
 row "agent CPU/request, gRPC redlock, $SHARED c." "$(cpu "$GRPC_REDLOCK_MUX") µs" "" ""
 row "agent CPU/request, HTTP redlock" "$(cpu "$HTTP_REDLOCK") µs" "" ""
 row "GetPods CPU/request (agent+client)" "$(cpu "$PODS") µs" "" ""
+row "instructions/request, gRPC single" "$INSTRUCTIONS_SINGLE" "(callgrind)" ""
+row "instructions/request, gRPC redlock" "$INSTRUCTIONS_REDLOCK" "(callgrind)" ""
 row "RSS idle" "$IDLE_RSS MiB" "<= 16 MiB" "$(verdict "$IDLE_RSS" 16 max)"
 row "RSS, $MANY_CLIENTS clients, own conn." "$PEAK_RSS_OWN MiB" "<= 64 MiB" "$(verdict "$PEAK_RSS_OWN" 64 max)"
 row "RSS, $MANY_CLIENTS clients, 100 conn." "$PEAK_RSS_SHARED MiB" "<= 64 MiB" "$(verdict "$PEAK_RSS_SHARED" 64 max)"
