@@ -56,13 +56,15 @@ start_redis() {
   printf -v "$1" '%s' "$port"
 }
 
-# start_agent NAME REDIS_URLS: starts an agent, sets AGENT_PID, GRPC and HTTP.
+# start_agent NAME REDIS_URLS: starts an agent, sets AGENT_PID, GRPC and HTTP. AGENT_WRAPPER, if
+# set, is the command the agent runs under (valgrind).
 start_agent() {
   GRPC=$(free_port)
   HTTP=$(free_port)
+  # shellcheck disable=SC2086 # the wrapper is a command and its arguments
   env -i PATH="$PATH" EA_ENV=production EA_LOG_LEVEL=warning EA_NAME="$1" \
     EA_BIND_ADDRESS=127.0.0.1 EA_GRPC_PORT="$GRPC" EA_HTTP_PORT="$HTTP" EA_KUBE_ENABLE=false \
-    EA_REDIS_URLS="$2" "$AGENT" </dev/null >"$WORK/agent-$1.log" 2>&1 &
+    EA_REDIS_URLS="$2" ${AGENT_WRAPPER:-} "$AGENT" </dev/null >"$WORK/agent-$1.log" 2>&1 &
   AGENT_PID=$!
   PIDS+=("$AGENT_PID")
   until curl -sf "http://127.0.0.1:$HTTP/readyz" >/dev/null 2>&1; do
@@ -112,32 +114,21 @@ bench() {
   echo "$json"
 }
 
-# instructions REDIS_URLS: the agent's user-space instructions per gRPC request, counted by
-# callgrind — unlike CPU time, much the same from run to run and on a busy machine, so it shows
-# what a change did. The agent runs under valgrind (one thread at a time, some fifty times
-# slower); the count covers a run of 50 clients after a warm-up, and includes what the agent does
-# between requests (timers, housekeeping), shared out.
+# instructions NAME REDIS_URLS: sets INSTRUCTIONS to the agent's user-space instructions per gRPC
+# request, counted by callgrind — unlike CPU time, much the same from run to run and on a busy
+# machine, so it shows what a change did. The agent runs under valgrind (one thread at a time,
+# some fifty times slower); the count covers a run of 50 clients after a warm-up, and includes
+# what the agent does between requests (timers, housekeeping), shared out.
 instructions() {
-  local grpc http pid out json ir
-  grpc=$(free_port)
-  http=$(free_port)
-  out="$WORK/callgrind-$grpc"
-  env -i PATH="$PATH" EA_ENV=production EA_LOG_LEVEL=warning EA_BIND_ADDRESS=127.0.0.1 \
-    EA_GRPC_PORT="$grpc" EA_HTTP_PORT="$http" EA_KUBE_ENABLE=false EA_REDIS_URLS="$1" \
-    valgrind --tool=callgrind --callgrind-out-file="$out" "$AGENT" </dev/null >"$out.log" 2>&1 &
-  pid=$!
-  PIDS+=("$pid")
-  until curl -sf "http://127.0.0.1:$http/readyz" >/dev/null 2>&1; do
-    kill -0 "$pid" 2>/dev/null || { cat "$out.log" >&2; exit 1; }
-    sleep 0.2
-  done
-  "$AGENT" bench grpc --address "http://127.0.0.1:$grpc" -c 20 -i 20 --json >/dev/null
-  callgrind_control --zero "$pid" >/dev/null 2>&1
-  json=$("$AGENT" bench grpc --address "http://127.0.0.1:$grpc" -c 50 -i 100 --json)
-  callgrind_control --dump "$pid" >/dev/null 2>&1
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  local out="$WORK/callgrind-$1" json ir
+  AGENT_WRAPPER="valgrind --tool=callgrind --callgrind-out-file=$out" start_agent "callgrind-$1" "$2"
+  "$AGENT" bench grpc --address "http://127.0.0.1:$GRPC" -c 20 -i 20 --json >/dev/null
+  callgrind_control --zero "$AGENT_PID" >/dev/null 2>&1
+  json=$("$AGENT" bench grpc --address "http://127.0.0.1:$GRPC" -c 50 -i 100 --json)
+  callgrind_control --dump "$AGENT_PID" >/dev/null 2>&1
+  kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
   ir=$(awk '/^summary:/ { print $2; exit }' "$(grep -l '^desc: Trigger: dump' "$out"*)")
-  jq -r --argjson ir "$ir" '($ir / .requests) | round' <<<"$json"
+  INSTRUCTIONS=$(jq -r --argjson ir "$ir" '($ir / .requests) | round' <<<"$json")
 }
 
 step "Redis: one server, and three for Redlock"
@@ -199,8 +190,9 @@ HTTP_REDLOCK=$(bench "$AGENT_PID" http --address "http://127.0.0.1:$HTTP" -c "$C
 kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
 
 step "agent instructions per gRPC request (callgrind; one Redis server, then Redlock)"
-INSTRUCTIONS_SINGLE=$(instructions "redis://127.0.0.1:$SINGLE")
-INSTRUCTIONS_REDLOCK=$(instructions "redis://127.0.0.1:$R1,redis://127.0.0.1:$R2,redis://127.0.0.1:$R3")
+instructions single "redis://127.0.0.1:$SINGLE"; INSTRUCTIONS_SINGLE=$INSTRUCTIONS
+instructions redlock "redis://127.0.0.1:$R1,redis://127.0.0.1:$R2,redis://127.0.0.1:$R3"
+INSTRUCTIONS_REDLOCK=$INSTRUCTIONS
 echo "    one Redis: $INSTRUCTIONS_SINGLE, Redlock: $INSTRUCTIONS_REDLOCK instructions per request (user space)" >&2
 
 step "GetPods from the caches: a 50-pod Deployment, $CLIENTS clients (in-process agent)"
