@@ -511,3 +511,28 @@ async fn a_request_that_outlives_the_request_timeout_gets_deadline_exceeded_or_5
     stop(agent).await;
     held.abort();
 }
+
+#[tokio::test]
+async fn grpc_answers_carry_no_date_header_and_rest_answers_do() {
+    let agent = start(&[]).await;
+    let answer = grpc_client(&agent)
+        .await
+        .campaign(campaign("dated", "alice"))
+        .await
+        .expect("campaign answered");
+    assert!(
+        answer.metadata().get("date").is_none(),
+        "gRPC response headers: {:?}",
+        answer.metadata()
+    );
+
+    let mut stream = TcpStream::connect(agent.http_address.unwrap())
+        .await
+        .unwrap();
+    let request = "GET /livez HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let response = read_until_closed(&mut stream).await.expect("an answer");
+    let response = String::from_utf8_lossy(&response).to_ascii_lowercase();
+    assert!(response.contains("\r\ndate: "), "REST response: {response}");
+    stop(agent).await;
+}
