@@ -386,3 +386,51 @@ fn an_agent_that_cannot_reach_kubernetes_refuses_to_start_and_says_what_to_set()
         "{stderr}"
     );
 }
+
+/// The gRPC codec starts its buffers at 1 KiB: an answer many times that size (200 pods, some
+/// 40 KiB) still arrives whole, and a request that large is read whole.
+#[tokio::test]
+async fn grpc_messages_larger_than_the_codecs_buffers_arrive_whole() {
+    let config = Sources::default()
+        .flag("EA_BIND_ADDRESS", "127.0.0.1")
+        .flag("EA_GRPC_PORT", "0")
+        .flag("EA_HTTP_ENABLE", "false")
+        .flag("EA_METRIC_ENABLE", "false")
+        .resolve()
+        .unwrap();
+    let agent = server::start_with_discovery(
+        &config,
+        Discovery::from_caches(election_agent::bench::synthetic_deployment(
+            "big", "web", 200,
+        )),
+    )
+    .await
+    .unwrap();
+    let mut client = ElectionClient::connect(format!("http://{}", agent.grpc_address.unwrap()))
+        .await
+        .unwrap();
+    let pods = client
+        .get_pods(pb::GetPodsRequest {
+            namespace: "big".into(),
+            deployment: "web".into(),
+            pod_name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pods.items.len(), 200);
+    let size = prost::Message::encoded_len(&pods);
+    assert!(size > 8 * 1024, "{size} bytes");
+
+    let status = client
+        .get_pods(pb::GetPodsRequest {
+            namespace: "big".into(),
+            deployment: "w".repeat(4096),
+            pod_name: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    agent.shutdown().await;
+    agent.wait().await.unwrap();
+}

@@ -13,7 +13,7 @@ use crate::{
     lease::Term,
     store::{
         MemoryStore, contract,
-        servers::{RedisCluster, RedisServer, SentinelSet, start_many},
+        servers::{RedisCluster, RedisServer, SentinelSet, redis_cli, start_many},
     },
 };
 
@@ -1441,4 +1441,77 @@ async fn taking_back_a_failed_handover_puts_back_the_lease_it_replaced() {
     assert_eq!(release("late:5").await, 1);
     assert_eq!(leader().await.0, "");
     assert_eq!(release("late:5").await, 0, "only once");
+}
+
+/// A Redlock command decided before its third server answered: if that answer has arrived by the
+/// time the decision is settled, it is settled as it says — a grant with the command's token
+/// needs nothing sent — while a failure that arrived says nothing of what the server did, and
+/// gets the follow-up sent blind (here an align, counted by the server as one more EVAL).
+#[tokio::test]
+async fn an_answer_that_arrived_after_the_decision_is_settled_as_it_says() {
+    let servers = start_many(3).await;
+    let urls = servers.iter().map(RedisServer::url).collect();
+    let (store, _) = store(&store_config(StoreMode::Single, urls, ""));
+    let election = key("arrived");
+    let token = leading_token(&store, &election, campaign("a")).await;
+    let shared = &store.shared;
+    let args = Arc::new(LeaseArgs {
+        key: shared.key(&election),
+        shard: 0,
+        index: shared.index_key(&election.kind),
+        indexed: true,
+        name: election.election.clone(),
+        operation: "campaign",
+        who: name("a"),
+        term_ms: 10_000,
+        id: shared.command_id(),
+        channel: Arc::from(""),
+        election: "test arrived".into(),
+        expected_leader: String::new(),
+        expected_token: 0,
+    });
+    let granted = || Reply {
+        code: quorum::code::ELECTED,
+        leader: "a".into(),
+        token: token.0,
+        ttl_ms: 10_000,
+    };
+    let evals = async || {
+        let stats = redis_cli(servers[2].port(), &["INFO", "commandstats"])
+            .await
+            .unwrap();
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix("cmdstat_eval:calls="))
+            .map_or(0, |rest| {
+                rest.split(',').next().unwrap().parse::<u64>().unwrap()
+            })
+    };
+    let settle = async |arrived: Result<Reply, StoreError>| {
+        let before = evals().await;
+        let answers = [Some(Ok(granted())), Some(Ok(granted())), None];
+        let stragglers = [std::future::ready((2, arrived))].into_iter().collect();
+        settle_late(
+            shared,
+            &args,
+            Vec::new(),
+            Late::Align(token),
+            &answers,
+            Some(stragglers),
+        )
+        .await;
+        // Whatever was sent, sent in the background, has reached the server by now.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        evals().await - before
+    };
+    assert_eq!(
+        settle(Ok(granted())).await,
+        0,
+        "a grant with the token: nothing to send"
+    );
+    assert_eq!(
+        settle(Err(StoreError::Unavailable("no answer".into()))).await,
+        1,
+        "a failure: the align is sent blind"
+    );
 }
