@@ -28,10 +28,9 @@ use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper_util::{
     client::legacy::{Client as HttpClient, connect::HttpConnector},
-    rt::TokioExecutor,
+    rt::{TokioExecutor, TokioIo},
 };
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::{
     config::Sources,
@@ -438,22 +437,72 @@ fn run_id() -> String {
     format!("{}-{:x}", std::process::id(), nanos % 0xffff_ffff)
 }
 
-/// Opens `count` gRPC connections to `address`.
-async fn grpc_channels(address: &str, count: u32) -> Result<Vec<Channel>, BenchError> {
+/// One HTTP/2 connection as the transport of a tonic client: hyper's `SendRequest` itself.
+///
+/// tonic's `Channel` puts a request buffer (a queue and a task of its own) in front of the
+/// connection, a hand-off between tasks for every request; on a machine where the load generator
+/// shares the cores with the agent it measures, that CPU is taken from the agent.
+#[derive(Clone)]
+struct GrpcConnection(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl tower::Service<Request<tonic::body::Body>> for GrpcConnection {
+    type Response = axum::http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, hyper::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), hyper::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(request))
+    }
+}
+
+/// Opens `count` gRPC connections (plain HTTP/2) to `address`, with the origin the clients'
+/// requests name.
+async fn grpc_channels(
+    address: &str,
+    count: u32,
+) -> Result<(Vec<GrpcConnection>, axum::http::Uri), BenchError> {
     let connect_error = |reason: String| BenchError::Connect {
         address: address.to_owned(),
         reason,
     };
-    let endpoint = Endpoint::from_shared(address.to_owned())
-        .map_err(|err| connect_error(err.to_string()))?
-        .tcp_nodelay(true);
-    let mut channels = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        channels.push(endpoint.connect().await.map_err(|err| {
-            connect_error(format!("{err}: {:?}", std::error::Error::source(&err)))
-        })?);
+    let origin: axum::http::Uri = address
+        .parse()
+        .map_err(|err: axum::http::uri::InvalidUri| connect_error(err.to_string()))?;
+    if origin.scheme_str() != Some("http") {
+        return Err(connect_error(
+            "the benchmark speaks plain HTTP/2: the address must start with http://".into(),
+        ));
     }
-    Ok(channels)
+    let host = origin
+        .host()
+        .ok_or_else(|| connect_error("the address names no host".into()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = origin.port_u16().unwrap_or(80);
+    let mut connections = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let stream = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|err| connect_error(err.to_string()))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|err| connect_error(err.to_string()))?;
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .map_err(|err| connect_error(err.to_string()))?;
+        tokio::spawn(connection);
+        connections.push(GrpcConnection(sender));
+    }
+    Ok((connections, origin))
 }
 
 fn grpc_error(status: &tonic::Status) -> String {
@@ -466,7 +515,7 @@ async fn grpc(args: WorkloadArgs) -> Result<Report, BenchError> {
         .clone()
         .unwrap_or_else(|| "http://127.0.0.1:50051".into());
     let connections = connection_count(&args.load);
-    let channels = grpc_channels(&address, connections).await?;
+    let (channels, origin) = grpc_channels(&address, connections).await?;
     let run = run_id();
     let requests = 1 + 2 * u64::from(args.load.iterations);
     let report = measure(
@@ -476,7 +525,10 @@ async fn grpc(args: WorkloadArgs) -> Result<Report, BenchError> {
         connections,
         requests,
         |index, mut recorder| {
-            let mut client = ElectionClient::new(channels[index as usize % channels.len()].clone());
+            let mut client = ElectionClient::with_origin(
+                channels[index as usize % channels.len()].clone(),
+                origin.clone(),
+            );
             let (kind, term, iterations) = (args.kind.clone(), args.term, args.load.iterations);
             let election = format!("bench-{run}-{index}");
             let (leader, other) = (format!("leader-{index}"), format!("other-{index}"));
@@ -534,7 +586,7 @@ async fn names(args: WorkloadArgs) -> Result<Report, BenchError> {
         .clone()
         .unwrap_or_else(|| "http://127.0.0.1:50051".into());
     let connections = connection_count(&args.load);
-    let channels = grpc_channels(&address, connections).await?;
+    let (channels, origin) = grpc_channels(&address, connections).await?;
     let run = run_id();
     let report = measure(
         "names",
@@ -543,7 +595,10 @@ async fn names(args: WorkloadArgs) -> Result<Report, BenchError> {
         connections,
         u64::from(args.load.iterations),
         |index, mut recorder| {
-            let mut client = ElectionClient::new(channels[index as usize % channels.len()].clone());
+            let mut client = ElectionClient::with_origin(
+                channels[index as usize % channels.len()].clone(),
+                origin.clone(),
+            );
             let (kind, term, iterations) = (args.kind.clone(), args.term, args.load.iterations);
             let run = run.clone();
             async move {
@@ -700,7 +755,7 @@ async fn pods(args: PodsArgs) -> Result<Report, BenchError> {
         }
     };
     let connections = connection_count(&args.load);
-    let channels = grpc_channels(&address, connections).await?;
+    let (channels, origin) = grpc_channels(&address, connections).await?;
     let shown = if agent.is_some() {
         format!("in-process ({address})")
     } else {
@@ -713,8 +768,10 @@ async fn pods(args: PodsArgs) -> Result<Report, BenchError> {
         connections,
         u64::from(args.load.iterations),
         |index, mut recorder| {
-            let mut client =
-                tonic::client::Grpc::new(channels[index as usize % channels.len()].clone());
+            let mut client = tonic::client::Grpc::with_origin(
+                channels[index as usize % channels.len()].clone(),
+                origin.clone(),
+            );
             let request = pb::GetPodsRequest {
                 namespace: args.namespace.clone(),
                 deployment: args.deployment.clone(),
@@ -758,7 +815,7 @@ struct PodCount {
 
 /// `GetPods`, answered as a [`PodCount`].
 async fn get_pod_count(
-    client: &mut tonic::client::Grpc<Channel>,
+    client: &mut tonic::client::Grpc<GrpcConnection>,
     request: pb::GetPodsRequest,
 ) -> Result<PodCount, tonic::Status> {
     client

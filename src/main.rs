@@ -102,16 +102,22 @@ async fn main() -> ExitCode {
             print!("{}", election_agent::operator::crd::crd_yaml());
             ExitCode::SUCCESS
         }
-        Some(Command::Client(args)) => match client::run(args).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => fail(&err),
-        },
-        Some(Command::Bench(args)) => match bench::run(args).await {
-            Ok(true) => ExitCode::SUCCESS,
-            // A soak that failed its checks: its report says which.
-            Ok(false) => ExitCode::FAILURE,
-            Err(err) => fail(&err),
-        },
+        Some(Command::Client(args)) => {
+            init_tool_logging();
+            match client::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => fail(&err),
+            }
+        }
+        Some(Command::Bench(args)) => {
+            init_tool_logging();
+            match bench::run(args).await {
+                Ok(true) => ExitCode::SUCCESS,
+                // A soak that failed its checks: its report says which.
+                Ok(false) => ExitCode::FAILURE,
+                Err(err) => fail(&err),
+            }
+        }
         Some(Command::Serve(args)) => serve(args).await,
         None => serve(cli.serve).await,
     }
@@ -193,6 +199,22 @@ fn init_logging(config: &Config) {
         Environment::Production => builder.json().with_current_span(false).init(),
         Environment::Development => builder.compact().init(),
     }
+}
+
+/// Logging of the commands that are not the agent (`client`, `bench`): warnings and errors on
+/// standard error, refined by RUST_LOG. Without a subscriber, tracing would also hand every span
+/// of h2 and hyper to the `log` crate's level check, a sixth of the load generator's instructions
+/// (and of the in-process agent's, in `bench pods`).
+fn init_tool_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,rustis=off"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .compact()
+        .init();
 }
 
 /// Resolves with the signal's name on SIGTERM or SIGINT. The handlers are registered when this is

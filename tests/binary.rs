@@ -508,6 +508,22 @@ async fn a_short_benchmark_run_counts_every_request_of_the_workload() {
 }
 
 #[tokio::test]
+async fn a_benchmark_that_cannot_reach_its_agent_says_why_in_one_line() {
+    for (address, says) in [
+        // Nothing listens on port 1.
+        ("http://127.0.0.1:1", "cannot connect to http://127.0.0.1:1: "),
+        // The load generator speaks plain HTTP/2 only.
+        ("https://127.0.0.1:1", "the address must start with http://"),
+    ] {
+        let output = binary(&["bench", "grpc", "--address", address, "-c", "1", "-i", "1"]).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{address}: {stderr}");
+        assert!(stderr.contains(says), "{address}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{address}: {stderr}");
+    }
+}
+
+#[tokio::test]
 async fn a_short_get_pods_benchmark_runs_against_its_own_in_process_agent() {
     let report = bench_report(&["pods", "-c", "2", "-i", "5", "--pods", "4"]).await;
     assert_eq!(report["benchmark"], "pods");
