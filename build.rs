@@ -18,6 +18,8 @@ fn main() -> io::Result<()> {
     tonic_prost_build::configure()
         .emit_rerun_if_changed(false)
         .codec_path("crate::grpc::codec::SmallBuffers")
+        // GetPods' answer, sent from pods encoded once per change of the caches.
+        .extern_path(".grpc.election_agent.v1.Pods", "crate::grpc::Pods")
         .compile_fds(contract)?;
 
     let legacy_dir = out_dir.join("go_contract");

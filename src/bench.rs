@@ -745,8 +745,7 @@ async fn pods(args: PodsArgs) -> Result<Report, BenchError> {
                 .flag("EA_LOG_LEVEL", "warning")
                 .resolve()?;
             let caches = synthetic_deployment(&args.namespace, &args.deployment, args.pods);
-            let agent =
-                server::start_with_discovery(&config, Discovery::from_caches(caches)).await?;
+            let agent = server::start_with_discovery(&config, Discovery::fixed(caches)).await?;
             let address = agent
                 .grpc_address
                 .map(|a| format!("http://{a}"))
@@ -935,8 +934,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_synthetic_deployment_lists_all_its_pods_ready() {
-        let discovery = Discovery::from_caches(synthetic_deployment("ns", "web", 7));
-        let pods = discovery.pods("ns", "web", "").unwrap();
+        let discovery = Discovery::fixed(synthetic_deployment("ns", "web", 7));
+        let pods = &discovery.pods("ns", "web", "").unwrap().items;
         assert_eq!(pods.len(), 7);
         assert!(
             pods.iter()
@@ -944,7 +943,12 @@ mod tests {
         );
         assert_eq!(pods[0].replica_set.revision, 1);
         let by_pod = discovery.pods("ns", "", &pods[3].name).unwrap();
-        assert_eq!(by_pod, pods);
+        assert_eq!(&by_pod.items, pods);
+        // The caches never change: every lookup shares the first answer.
+        assert!(Arc::ptr_eq(
+            &by_pod,
+            &discovery.pods("ns", "web", "").unwrap()
+        ));
     }
 
     #[test]

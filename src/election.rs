@@ -12,7 +12,7 @@ use tokio::{sync::broadcast::error::RecvError, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    discovery::{Discovery, DiscoveryError, mapping::PodInfo},
+    discovery::{Discovery, DiscoveryError, PodList},
     lease::{
         ChangeCause, Command, ElectionKey, Expected, FencingToken, InvalidArgument, LeaderInfo,
         Leadership, Name, Outcome, Term, TermBounds, Version,
@@ -329,7 +329,7 @@ impl ElectionService {
         namespace: &str,
         deployment: &str,
         pod_name: &str,
-    ) -> Result<Vec<PodInfo>, ElectionError> {
+    ) -> Result<Arc<PodList>, ElectionError> {
         self.instrumented(Action::GetPods, async {
             let discovery = self
                 .inner

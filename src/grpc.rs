@@ -23,12 +23,61 @@ use crate::{
 pub mod pb {
     tonic::include_proto!("grpc.election_agent.v1");
 
+    pub use super::Pods;
+
     /// The encoded descriptor set of the contract, served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/election_agent_descriptor.bin"));
 }
 
 pub use pb::election_server::ElectionServer;
+
+/// Message `Pods` of the contract (`repeated Pod items = 1`), GetPods' answer, in two forms: a
+/// client decodes the pods into `items`; the agent sends `encoded`, the pods of a
+/// [`PodList`](crate::discovery::PodList) encoded once for every request until the caches change.
+/// Both are field 1 on the wire: a `Pod` message and a byte string encode alike.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Pods {
+    /// The pods.
+    pub items: Vec<pb::Pod>,
+    /// More pods, each an encoded `Pod` message; sent after `items`.
+    pub encoded: Vec<bytes::Bytes>,
+}
+
+impl prost::Message for Pods {
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        for pod in &self.items {
+            prost::encoding::message::encode(1, pod, buf);
+        }
+        for pod in &self.encoded {
+            prost::encoding::bytes::encode(1, pod, buf);
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        if tag == 1 {
+            prost::encoding::message::merge_repeated(wire_type, &mut self.items, buf, ctx)
+        } else {
+            prost::encoding::skip_field(wire_type, tag, buf, ctx)
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        prost::encoding::message::encoded_len_repeated(1, &self.items)
+            + prost::encoding::bytes::encoded_len_repeated(1, &self.encoded)
+    }
+
+    fn clear(&mut self) {
+        self.items.clear();
+        self.encoded.clear();
+    }
+}
 
 /// The codec of the generated server and client: prost's, with message buffers sized for this
 /// contract.
@@ -348,15 +397,22 @@ impl pb::election_server::Election for ElectionGrpc {
     async fn get_pods(
         &self,
         request: Request<pb::GetPodsRequest>,
-    ) -> Result<Response<pb::Pods>, Status> {
+    ) -> Result<Response<Pods>, Status> {
         let r = authorized(request, Verb::Get, |r| Target::pods(&r.namespace))?;
         let pods = self
             .service
             .pods(&r.namespace, &r.deployment, &r.pod_name)
             .await
             .map_err(status)?;
-        Ok(Response::new(pb::Pods {
-            items: pods.into_iter().map(pb::Pod::from).collect(),
+        let encoded = pods.encoded(|items| {
+            items
+                .iter()
+                .map(|pod| prost::Message::encode_to_vec(&pb::Pod::from(pod.clone())).into())
+                .collect()
+        });
+        Ok(Response::new(Pods {
+            items: Vec::new(),
+            encoded: encoded.to_vec(),
         }))
     }
 
@@ -417,5 +473,42 @@ mod pod_tests {
             },
         };
         assert_eq!(PodInfo::from(pb::Pod::from(pod.clone())), pod);
+    }
+
+    #[test]
+    fn pods_sent_encoded_are_the_bytes_of_pods_sent_as_messages() {
+        use prost::Message;
+        let pod = |name: &str| pb::Pod {
+            name: name.into(),
+            deployment: "web".into(),
+            status: Some(pb::PodStatus {
+                phase: "Running".into(),
+                pod_ready: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let (a, b) = (pod("web-1-a"), pod("web-1-b"));
+        let as_messages = Pods {
+            items: vec![a.clone(), b.clone()],
+            encoded: Vec::new(),
+        };
+        let as_encoded = Pods {
+            items: Vec::new(),
+            encoded: vec![a.encode_to_vec().into(), b.encode_to_vec().into()],
+        };
+        let mixed = Pods {
+            items: vec![a.clone()],
+            encoded: vec![b.encode_to_vec().into()],
+        };
+        let wire = as_messages.encode_to_vec();
+        assert_eq!(as_encoded.encode_to_vec(), wire);
+        assert_eq!(mixed.encode_to_vec(), wire);
+        assert_eq!(as_encoded.encoded_len(), wire.len());
+        // Decoding gives the pods as messages; fields of a newer contract are skipped.
+        let mut newer = wire.clone();
+        prost::encoding::string::encode(9, &"later".to_owned(), &mut newer);
+        assert_eq!(Pods::decode(newer.as_slice()).unwrap(), as_messages);
+        assert_eq!(Pods::decode(&b""[..]).unwrap(), Pods::default());
     }
 }

@@ -818,8 +818,10 @@ async fn pods(
     Path((namespace, deployment)): Path<(String, String)>,
 ) -> Result<Json<PodsBody>, ApiError> {
     caller.authorize(Verb::Get, Target::pods(&namespace))?;
-    let items = state.service.pods(&namespace, &deployment, "").await?;
-    Ok(Json(PodsBody { items }))
+    let pods = state.service.pods(&namespace, &deployment, "").await?;
+    Ok(Json(PodsBody {
+        items: pods.items.clone(),
+    }))
 }
 
 #[utoipa::path(get, path = "/kube/{namespace}/pod/{pod}/pods", tag = "kubernetes",
@@ -837,8 +839,10 @@ async fn pods_of_pod(
     Path((namespace, pod)): Path<(String, String)>,
 ) -> Result<Json<PodsBody>, ApiError> {
     caller.authorize(Verb::Get, Target::pods(&namespace))?;
-    let items = state.service.pods(&namespace, "", &pod).await?;
-    Ok(Json(PodsBody { items }))
+    let pods = state.service.pods(&namespace, "", &pod).await?;
+    Ok(Json(PodsBody {
+        items: pods.items.clone(),
+    }))
 }
 
 #[utoipa::path(get, path = "/livez", tag = "operations",

@@ -511,7 +511,10 @@ async fn a_short_benchmark_run_counts_every_request_of_the_workload() {
 async fn a_benchmark_that_cannot_reach_its_agent_says_why_in_one_line() {
     for (address, says) in [
         // Nothing listens on port 1.
-        ("http://127.0.0.1:1", "cannot connect to http://127.0.0.1:1: "),
+        (
+            "http://127.0.0.1:1",
+            "cannot connect to http://127.0.0.1:1: ",
+        ),
         // The load generator speaks plain HTTP/2 only.
         ("https://127.0.0.1:1", "the address must start with http://"),
     ] {

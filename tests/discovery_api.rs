@@ -293,7 +293,7 @@ async fn grpc_get_pods_answers_from_the_caches_with_every_field() {
         .unwrap();
     let agent = server::start_with_discovery(
         &config,
-        Discovery::from_caches(Caches::from_objects(pods, replica_sets, deployments)),
+        Discovery::fixed(Caches::from_objects(pods, replica_sets, deployments)),
     )
     .await
     .unwrap();
@@ -400,7 +400,7 @@ async fn grpc_messages_larger_than_the_codecs_buffers_arrive_whole() {
         .unwrap();
     let agent = server::start_with_discovery(
         &config,
-        Discovery::from_caches(election_agent::bench::synthetic_deployment(
+        Discovery::fixed(election_agent::bench::synthetic_deployment(
             "big", "web", 200,
         )),
     )

@@ -4,18 +4,25 @@
 //! Deployments in memory — cluster-wide, or for the namespaces of `EA_KUBE_NAMESPACES` — and
 //! [`mapping`] turns them into the wire contract's `Pod` messages. The caches are shared by
 //! everything in the process that needs them (the controller will read the same stores).
+//!
+//! A Deployment's answer is built once per state of the caches: the first lookup after a change
+//! maps the Deployment's pods into a [`PodList`], and every lookup until the next change — any
+//! event on any watch — shares it. The answers kept are those of Deployments asked about since
+//! the last change, so they never outnumber the Deployments in the caches.
 
 pub mod mapping;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fmt::Debug,
     hash::Hash,
     sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
+
+use bytes::Bytes;
 
 use futures::{FutureExt, StreamExt, future::join_all};
 use k8s_openapi::api::{
@@ -121,6 +128,31 @@ where
     store
 }
 
+/// A Deployment's pods as one state of the caches shows them, shared by every lookup until the
+/// caches change.
+#[derive(Debug, Default)]
+pub struct PodList {
+    /// Sorted by ReplicaSet revision, then name.
+    pub items: Vec<PodInfo>,
+    encoded: OnceLock<Vec<Bytes>>,
+}
+
+impl PodList {
+    /// The pods as `encode` encodes them for a wire (gRPC: each one's `Pod` message) — encoded by
+    /// the first caller, so once per list rather than once per request.
+    pub fn encoded(&self, encode: impl FnOnce(&[PodInfo]) -> Vec<Bytes>) -> &[Bytes] {
+        self.encoded.get_or_init(|| encode(&self.items))
+    }
+}
+
+/// The answers built at one state of the caches, by (namespace, Deployment).
+#[derive(Default)]
+struct Answers {
+    /// The state they were built at ([`Discovery::generation`]).
+    generation: u64,
+    by_deployment: HashMap<(String, String), Arc<PodList>>,
+}
+
 /// Which caches hold a namespace's objects.
 enum Scope {
     /// One set of caches for the whole cluster.
@@ -134,6 +166,10 @@ pub struct Discovery {
     scope: Scope,
     synced: Arc<AtomicBool>,
     changes: broadcast::Sender<String>,
+    /// Counts the events the caches have taken in: raised after each one is in its cache.
+    generation: Arc<AtomicU64>,
+    /// None when the caches change unseen ([`Discovery::from_caches`]).
+    answers: Option<Mutex<Answers>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -174,12 +210,13 @@ impl Discovery {
     pub fn start(client: &Client, namespaces: &[String]) -> Self {
         let mut tasks = Vec::new();
         let (changes, _) = broadcast::channel(CHANGES_CAPACITY);
+        let generation = Arc::new(AtomicU64::new(0));
         let mut watch_scope = |namespace: Option<&str>| {
-            let (pods, pod_task) = watch::<Pod>(api(client, namespace), changes.clone());
-            let (replica_sets, rs_task) =
-                watch::<ReplicaSet>(api(client, namespace), changes.clone());
+            let watched = || (changes.clone(), generation.clone());
+            let (pods, pod_task) = watch::<Pod>(api(client, namespace), watched());
+            let (replica_sets, rs_task) = watch::<ReplicaSet>(api(client, namespace), watched());
             let (deployments, deployment_task) =
-                watch::<Deployment>(api(client, namespace), changes.clone());
+                watch::<Deployment>(api(client, namespace), watched());
             tasks.extend([pod_task, rs_task, deployment_task]);
             Caches {
                 pods,
@@ -197,18 +234,34 @@ impl Discovery {
                     .collect(),
             )
         };
-        Self::watching(scope, changes, tasks)
+        Self::watching(scope, changes, generation, tasks)
     }
 
     /// Discovery over caches filled by someone else (tests, or a caller with its own watchers):
-    /// one set for the whole cluster.
+    /// one set for the whole cluster. Their changes are not seen as they happen, so every lookup
+    /// maps the caches afresh.
     pub fn from_caches(caches: Caches) -> Self {
-        Self::watching(Scope::Cluster(caches), broadcast::channel(1).0, Vec::new())
+        let mut discovery = Self::fixed(caches);
+        discovery.answers = None;
+        discovery
+    }
+
+    /// Discovery over caches that no longer change (filled by [`Caches::from_objects`]): one set
+    /// for the whole cluster, and a Deployment's answer built once and shared by every lookup, as
+    /// [`Discovery::start`]'s are between two watch events.
+    pub fn fixed(caches: Caches) -> Self {
+        Self::watching(
+            Scope::Cluster(caches),
+            broadcast::channel(1).0,
+            Arc::default(),
+            Vec::new(),
+        )
     }
 
     fn watching(
         scope: Scope,
         changes: broadcast::Sender<String>,
+        generation: Arc<AtomicU64>,
         mut tasks: Vec<JoinHandle<()>>,
     ) -> Self {
         let synced = Arc::new(AtomicBool::new(false));
@@ -237,6 +290,8 @@ impl Discovery {
             scope,
             synced,
             changes,
+            generation,
+            answers: Some(Mutex::default()),
             tasks,
         }
     }
@@ -262,18 +317,60 @@ impl Discovery {
     }
 
     /// The pods of Deployment `deployment` in `namespace` — or, when `pod_name` is set, of the
-    /// Deployment owning that pod — from the caches.
+    /// Deployment owning that pod — from the caches: the list built at the caches' current state,
+    /// or a new one (see the module documentation).
     pub fn pods(
         &self,
         namespace: &str,
         deployment: &str,
         pod_name: &str,
-    ) -> Result<Vec<PodInfo>, DiscoveryError> {
-        Ok(self
-            .pod_objects(namespace, deployment, pod_name)?
+    ) -> Result<Arc<PodList>, DiscoveryError> {
+        check_pods_request(namespace, deployment, pod_name)?;
+        if !self.synced() {
+            return Err(DiscoveryError::NotSynced);
+        }
+        // Read before the caches: a list built from them is at least as new as this state.
+        let generation = self.generation.load(Ordering::Acquire);
+        let deployment = if pod_name.is_empty() {
+            deployment.to_owned()
+        } else {
+            let caches = self.caches(namespace)?;
+            self.owning_deployment(caches, namespace, pod_name)?
+        };
+        let key = (namespace.to_owned(), deployment);
+        if let Some(answers) = &self.answers {
+            let answers = answers.lock().unwrap_or_else(|e| e.into_inner());
+            if answers.generation == generation
+                && let Some(list) = answers.by_deployment.get(&key)
+            {
+                return Ok(list.clone());
+            }
+        }
+        let items = self
+            .pod_objects(namespace, &key.1, "")?
             .into_iter()
             .map(|(info, _)| info)
-            .collect())
+            .collect();
+        let list = Arc::new(PodList {
+            items,
+            encoded: OnceLock::new(),
+        });
+        let Some(answers) = &self.answers else {
+            return Ok(list);
+        };
+        let mut answers = answers.lock().unwrap_or_else(|e| e.into_inner());
+        // A list of an older state than the kept ones is answered, not kept; kept lists of an
+        // older state than this one are dropped.
+        if answers.generation < generation {
+            *answers = Answers {
+                generation,
+                by_deployment: HashMap::new(),
+            };
+        }
+        if answers.generation == generation {
+            answers.by_deployment.insert(key, list.clone());
+        }
+        Ok(list)
     }
 
     /// [`Discovery::pods`], each with the pod object from the cache (for the controller, which
@@ -289,26 +386,14 @@ impl Discovery {
             return Err(DiscoveryError::NotSynced);
         }
         let caches = self.caches(namespace)?;
-        let replica_sets = caches
-            .replica_sets
-            .state_filter(|rs| rs.metadata.namespace.as_deref() == Some(namespace));
         let deployment = if pod_name.is_empty() {
             deployment.to_owned()
         } else {
-            let pod = caches
-                .pods
-                .get(&ObjectRef::new(pod_name).within(namespace))
-                .ok_or_else(|| DiscoveryError::PodNotFound {
-                    namespace: namespace.to_owned(),
-                    name: pod_name.to_owned(),
-                })?;
-            controlling_replica_set(&pod, &replica_sets)
-                .and_then(|rs| controlling_deployment(rs).map(str::to_owned))
-                .ok_or_else(|| DiscoveryError::NotInDeployment {
-                    namespace: namespace.to_owned(),
-                    name: pod_name.to_owned(),
-                })?
+            self.owning_deployment(caches, namespace, pod_name)?
         };
+        let replica_sets = caches
+            .replica_sets
+            .state_filter(|rs| rs.metadata.namespace.as_deref() == Some(namespace));
         let found = caches
             .deployments
             .get(&ObjectRef::new(&deployment).within(namespace))
@@ -320,6 +405,31 @@ impl Discovery {
             .pods
             .state_filter(|pod| pod.metadata.namespace.as_deref() == Some(namespace));
         Ok(deployment_pods(&found, &replica_sets, &pods))
+    }
+
+    /// The name of the Deployment owning pod `namespace/pod_name`.
+    fn owning_deployment(
+        &self,
+        caches: &Caches,
+        namespace: &str,
+        pod_name: &str,
+    ) -> Result<String, DiscoveryError> {
+        let pod = caches
+            .pods
+            .get(&ObjectRef::new(pod_name).within(namespace))
+            .ok_or_else(|| DiscoveryError::PodNotFound {
+                namespace: namespace.to_owned(),
+                name: pod_name.to_owned(),
+            })?;
+        let replica_sets = caches
+            .replica_sets
+            .state_filter(|rs| rs.metadata.namespace.as_deref() == Some(namespace));
+        controlling_replica_set(&pod, &replica_sets)
+            .and_then(|rs| controlling_deployment(rs).map(str::to_owned))
+            .ok_or_else(|| DiscoveryError::NotInDeployment {
+                namespace: namespace.to_owned(),
+                name: pod_name.to_owned(),
+            })
     }
 }
 
@@ -370,8 +480,12 @@ where
 }
 
 /// A reflector store of `api`'s objects and the task that keeps it filled (retrying with
-/// backoff on errors, never giving up).
-fn watch<K>(api: Api<K>, changes: broadcast::Sender<String>) -> (Store<K>, JoinHandle<()>)
+/// backoff on errors, never giving up). After each event is in the store, the task raises
+/// `generation` and, for an event naming an object, sends the object's namespace to `changes`.
+fn watch<K>(
+    api: Api<K>,
+    (changes, generation): (broadcast::Sender<String>, Arc<AtomicU64>),
+) -> (Store<K>, JoinHandle<()>)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone,
@@ -381,13 +495,21 @@ where
         let events = watcher(api, watcher::Config::default())
             .default_backoff()
             .modify(|object| object.managed_fields_mut().clear())
-            .reflect(writer)
-            .touched_objects();
+            .reflect(writer);
         futures::pin_mut!(events);
         while let Some(event) = events.next().await {
             match event {
-                // Nobody listening is fine: the controller may not run in this process.
-                Ok(object) => drop(changes.send(object.namespace().unwrap_or_default())),
+                Ok(event) => {
+                    // Every event, the end of a re-list too (which may drop objects).
+                    generation.fetch_add(1, Ordering::Release);
+                    if let watcher::Event::Apply(object)
+                    | watcher::Event::Delete(object)
+                    | watcher::Event::InitApply(object) = event
+                    {
+                        // Nobody listening is fine: the controller may not run in this process.
+                        drop(changes.send(object.namespace().unwrap_or_default()));
+                    }
+                }
                 Err(err) => {
                     tracing::warn!(kind = %K::kind(&K::DynamicType::default()), error = %err, "Kubernetes watch failed; retrying");
                 }
@@ -501,7 +623,12 @@ mod tests {
         })
         .await
         .expect("synced after the lists");
-        let names = |pods: Vec<PodInfo>| pods.into_iter().map(|p| p.name).collect::<Vec<_>>();
+        let names = |pods: Arc<PodList>| {
+            pods.items
+                .iter()
+                .map(|p| p.name.clone())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
             names(discovery.pods("shop", "web", "").unwrap()),
             ["web-1-a"]
@@ -520,12 +647,11 @@ mod tests {
                 .body(Body::from(format!("{event}\n").into_bytes()))
                 .unwrap(),
         );
-        let (path, respond) = next_request(&mut api).await;
+        let (path, pod_watch) = next_request(&mut api).await;
         assert!(
             path.contains("watch=true") && path.contains("resourceVersion=2"),
             "the pod watch resumes from the event: {path}"
         );
-        open_watches.push(respond);
         assert_eq!(
             names(discovery.pods("shop", "web", "").unwrap()),
             ["web-1-a", "web-1-b"]
@@ -541,6 +667,41 @@ mod tests {
         }
         let more = tokio::time::timeout(Duration::from_millis(200), api.next_request()).await;
         assert!(more.is_err(), "no request per lookup: {more:?}");
+        // ... and while nothing changes, every lookup of the Deployment shares one answer.
+        let answer = discovery.pods("shop", "web", "").unwrap();
+        assert!(Arc::ptr_eq(
+            &answer,
+            &discovery.pods("shop", "web", "").unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            &answer,
+            &discovery.pods("shop", "", "web-1-a").unwrap()
+        ));
+
+        // The pod watch expires and the watcher lists again: the new list has no pods. No pod
+        // event comes of it (no object is added, changed or deleted on a watch), only the end of
+        // the list, and the answer must follow it.
+        let expired = json!({"type": "ERROR", "object": {"apiVersion": "v1", "kind": "Status",
+            "metadata": {}, "status": "Failure", "reason": "Expired", "code": 410,
+            "message": "too old resource version"}});
+        pod_watch.send_response(
+            Response::builder()
+                .body(Body::from(format!("{expired}\n").into_bytes()))
+                .unwrap(),
+        );
+        let (path, respond) = next_request(&mut api).await;
+        assert!(
+            path.starts_with("/api/v1/namespaces/shop/pods?") && !path.contains("watch=true"),
+            "the pods listed again: {path}"
+        );
+        respond.send_response(json_response(
+            &json!({"apiVersion": "v1", "kind": "PodList",
+            "metadata": {"resourceVersion": "3"}, "items": []}),
+        ));
+        let (path, respond) = next_request(&mut api).await;
+        assert!(path.contains("watch=true"), "then watched again: {path}");
+        open_watches.push(respond);
+        assert!(names(discovery.pods("shop", "web", "").unwrap()).is_empty());
         drop(open_watches);
     }
 
