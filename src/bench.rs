@@ -465,7 +465,7 @@ impl tower::Service<Request<tonic::body::Body>> for GrpcConnection {
 
 /// Opens `count` gRPC connections (plain HTTP/2) to `address`, with the origin the clients'
 /// requests name.
-async fn grpc_channels(
+async fn grpc_connections(
     address: &str,
     count: u32,
 ) -> Result<(Vec<GrpcConnection>, axum::http::Uri), BenchError> {
@@ -515,7 +515,7 @@ async fn grpc(args: WorkloadArgs) -> Result<Report, BenchError> {
         .clone()
         .unwrap_or_else(|| "http://127.0.0.1:50051".into());
     let connections = connection_count(&args.load);
-    let (channels, origin) = grpc_channels(&address, connections).await?;
+    let (channels, origin) = grpc_connections(&address, connections).await?;
     let run = run_id();
     let requests = 1 + 2 * u64::from(args.load.iterations);
     let report = measure(
@@ -586,7 +586,7 @@ async fn names(args: WorkloadArgs) -> Result<Report, BenchError> {
         .clone()
         .unwrap_or_else(|| "http://127.0.0.1:50051".into());
     let connections = connection_count(&args.load);
-    let (channels, origin) = grpc_channels(&address, connections).await?;
+    let (channels, origin) = grpc_connections(&address, connections).await?;
     let run = run_id();
     let report = measure(
         "names",
@@ -754,7 +754,7 @@ async fn pods(args: PodsArgs) -> Result<Report, BenchError> {
         }
     };
     let connections = connection_count(&args.load);
-    let (channels, origin) = grpc_channels(&address, connections).await?;
+    let (channels, origin) = grpc_connections(&address, connections).await?;
     let shown = if agent.is_some() {
         format!("in-process ({address})")
     } else {

@@ -23,7 +23,6 @@ use std::{
 };
 
 use bytes::Bytes;
-
 use futures::{FutureExt, StreamExt, future::join_all};
 use k8s_openapi::api::{
     apps::v1::{Deployment, ReplicaSet},
@@ -148,7 +147,7 @@ impl PodList {
 /// The answers built at one state of the caches, by (namespace, Deployment).
 #[derive(Default)]
 struct Answers {
-    /// The state they were built at ([`Discovery::generation`]).
+    /// The state they were built at (the `generation` of [`Discovery`]).
     generation: u64,
     by_deployment: HashMap<(String, String), Arc<PodList>>,
 }
@@ -334,8 +333,7 @@ impl Discovery {
         let deployment = if pod_name.is_empty() {
             deployment.to_owned()
         } else {
-            let caches = self.caches(namespace)?;
-            self.owning_deployment(caches, namespace, pod_name)?
+            owning_deployment(self.caches(namespace)?, namespace, pod_name)?
         };
         let key = (namespace.to_owned(), deployment);
         if let Some(answers) = &self.answers {
@@ -389,7 +387,7 @@ impl Discovery {
         let deployment = if pod_name.is_empty() {
             deployment.to_owned()
         } else {
-            self.owning_deployment(caches, namespace, pod_name)?
+            owning_deployment(caches, namespace, pod_name)?
         };
         let replica_sets = caches
             .replica_sets
@@ -406,31 +404,30 @@ impl Discovery {
             .state_filter(|pod| pod.metadata.namespace.as_deref() == Some(namespace));
         Ok(deployment_pods(&found, &replica_sets, &pods))
     }
+}
 
-    /// The name of the Deployment owning pod `namespace/pod_name`.
-    fn owning_deployment(
-        &self,
-        caches: &Caches,
-        namespace: &str,
-        pod_name: &str,
-    ) -> Result<String, DiscoveryError> {
-        let pod = caches
-            .pods
-            .get(&ObjectRef::new(pod_name).within(namespace))
-            .ok_or_else(|| DiscoveryError::PodNotFound {
-                namespace: namespace.to_owned(),
-                name: pod_name.to_owned(),
-            })?;
-        let replica_sets = caches
-            .replica_sets
-            .state_filter(|rs| rs.metadata.namespace.as_deref() == Some(namespace));
-        controlling_replica_set(&pod, &replica_sets)
-            .and_then(|rs| controlling_deployment(rs).map(str::to_owned))
-            .ok_or_else(|| DiscoveryError::NotInDeployment {
-                namespace: namespace.to_owned(),
-                name: pod_name.to_owned(),
-            })
-    }
+/// The name of the Deployment owning pod `namespace/pod_name`.
+fn owning_deployment(
+    caches: &Caches,
+    namespace: &str,
+    pod_name: &str,
+) -> Result<String, DiscoveryError> {
+    let pod = caches
+        .pods
+        .get(&ObjectRef::new(pod_name).within(namespace))
+        .ok_or_else(|| DiscoveryError::PodNotFound {
+            namespace: namespace.to_owned(),
+            name: pod_name.to_owned(),
+        })?;
+    let replica_sets = caches
+        .replica_sets
+        .state_filter(|rs| rs.metadata.namespace.as_deref() == Some(namespace));
+    controlling_replica_set(&pod, &replica_sets)
+        .and_then(|rs| controlling_deployment(rs).map(str::to_owned))
+        .ok_or_else(|| DiscoveryError::NotInDeployment {
+            namespace: namespace.to_owned(),
+            name: pod_name.to_owned(),
+        })
 }
 
 /// Checks the names a GetPods request gives: the namespace, and the Deployment or (when set,
