@@ -1476,17 +1476,33 @@ async fn an_answer_that_arrived_after_the_decision_is_settled_as_it_says() {
         token: token.0,
         ttl_ms: 10_000,
     };
-    let evals = async || {
+    // Calls of `command` (eval, evalsha) the third server has seen.
+    let calls = async |command: &str| {
         let stats = redis_cli(servers[2].port(), &["INFO", "commandstats"])
             .await
             .unwrap();
+        let prefix = format!("cmdstat_{command}:calls=");
         stats
             .lines()
-            .find_map(|line| line.strip_prefix("cmdstat_eval:calls="))
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
             .map_or(0, |rest| {
                 rest.split(',').next().unwrap().parse::<u64>().unwrap()
             })
     };
+    let evals = async || calls("eval").await;
+    // The campaign above was decided on two answers: its EVALSHA on the third server, and the
+    // follow-up that server's answer may need, can still be on their way. Start counting once
+    // the campaign has reached it and it has gone quiet.
+    let seen = async || calls("eval").await + calls("evalsha").await;
+    let mut last = seen().await;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = seen().await;
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+    }
     let settle = async |arrived: Result<Reply, StoreError>| {
         let before = evals().await;
         let answers = [Some(Ok(granted())), Some(Ok(granted())), None];
