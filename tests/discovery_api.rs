@@ -281,9 +281,13 @@ async fn nothing_is_served_and_the_agent_is_unready_until_the_caches_sync() {
     assert_eq!(names, ["web-1-b", "web-2-a", "web-2-b"]);
 }
 
-#[tokio::test]
-async fn grpc_get_pods_answers_from_the_caches_with_every_field() {
-    let (pods, replica_sets, deployments) = rolling_update();
+/// An agent serving gRPC only, over `caches` that no longer change, and a client of it.
+async fn grpc_agent(
+    caches: Caches,
+) -> (
+    server::RunningAgent,
+    ElectionClient<tonic::transport::Channel>,
+) {
     let config = Sources::default()
         .flag("EA_BIND_ADDRESS", "127.0.0.1")
         .flag("EA_GRPC_PORT", "0")
@@ -291,15 +295,20 @@ async fn grpc_get_pods_answers_from_the_caches_with_every_field() {
         .flag("EA_METRIC_ENABLE", "false")
         .resolve()
         .unwrap();
-    let agent = server::start_with_discovery(
-        &config,
-        Discovery::fixed(Caches::from_objects(pods, replica_sets, deployments)),
-    )
-    .await
-    .unwrap();
-    let mut client = ElectionClient::connect(format!("http://{}", agent.grpc_address.unwrap()))
+    let agent = server::start_with_discovery(&config, Discovery::fixed(caches))
         .await
         .unwrap();
+    let client = ElectionClient::connect(format!("http://{}", agent.grpc_address.unwrap()))
+        .await
+        .unwrap();
+    (agent, client)
+}
+
+#[tokio::test]
+async fn grpc_get_pods_answers_from_the_caches_with_every_field() {
+    let (pods, replica_sets, deployments) = rolling_update();
+    let (agent, mut client) =
+        grpc_agent(Caches::from_objects(pods, replica_sets, deployments)).await;
     let request = |deployment: &str, pod_name: &str| pb::GetPodsRequest {
         namespace: "shop".into(),
         deployment: deployment.into(),
@@ -391,24 +400,10 @@ fn an_agent_that_cannot_reach_kubernetes_refuses_to_start_and_says_what_to_set()
 /// 40 KiB) still arrives whole, and a request that large is read whole.
 #[tokio::test]
 async fn grpc_messages_larger_than_the_codecs_buffers_arrive_whole() {
-    let config = Sources::default()
-        .flag("EA_BIND_ADDRESS", "127.0.0.1")
-        .flag("EA_GRPC_PORT", "0")
-        .flag("EA_HTTP_ENABLE", "false")
-        .flag("EA_METRIC_ENABLE", "false")
-        .resolve()
-        .unwrap();
-    let agent = server::start_with_discovery(
-        &config,
-        Discovery::fixed(election_agent::bench::synthetic_deployment(
-            "big", "web", 200,
-        )),
-    )
-    .await
-    .unwrap();
-    let mut client = ElectionClient::connect(format!("http://{}", agent.grpc_address.unwrap()))
-        .await
-        .unwrap();
+    let (agent, mut client) = grpc_agent(election_agent::bench::synthetic_deployment(
+        "big", "web", 200,
+    ))
+    .await;
     let pods = client
         .get_pods(pb::GetPodsRequest {
             namespace: "big".into(),
